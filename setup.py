@@ -1,0 +1,5 @@
+"""Only here to hand the cffi extension (pplx._native) to setuptools; metadata is in pyproject.toml."""
+
+from setuptools import setup
+
+setup(cffi_modules=["native/build_ffi.py:ffibuilder"])
