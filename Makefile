@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-gpu bench figures lint build clean
+.PHONY: setup demo demo-fabric test test-gpu bench figures lint build clean
 
 setup:
 	VENV=$(VENV) bash scripts/bootstrap.sh
@@ -13,14 +13,17 @@ build:
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
 demo: setup
-	$(PY) -m pplx.demo $(DEMO_ARGS)
+	$(PY) -m pplx.moe.demo $(DEMO_ARGS)
 
 test: setup
-	$(PY) -m ruff check pplx tests experiments
+	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-gpu: setup
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
+
+demo-fabric: setup
+	$(PY) -m pplx.fabric.demo
 
 bench: setup
 	$(PY) -m pplx.bench fabric --provider shm
@@ -29,8 +32,8 @@ figures: setup
 	$(PY) -m experiments.run_all
 
 lint:
-	$(PY) -m ruff check pplx tests experiments
-	$(PY) -m ruff format --check pplx tests experiments
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 clean:
 	rm -rf build *.egg-info pplx/_native*.so pplx/_native.c

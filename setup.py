@@ -1,4 +1,4 @@
-"""Only here to hand the cffi extension (pplx._native) to setuptools; metadata is in pyproject.toml."""
+"""Only hands the cffi extension (pplx._native) to setuptools; metadata: pyproject.toml."""
 
 from setuptools import setup
 

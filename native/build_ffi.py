@@ -32,7 +32,14 @@ ffibuilder.set_source(
     sources=sorted(os.path.relpath(p) for p in glob.glob(os.path.join(HERE, "src", "*.c"))),
     include_dirs=[os.path.relpath(os.path.join(HERE, "include"))],
     libraries=["fabric", "pthread"],
-    extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter"],
+    extra_compile_args=[
+        "-std=gnu11",
+        "-O2",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-Wno-unused-parameter",
+    ],
 )
 
 if __name__ == "__main__":

@@ -1,0 +1,29 @@
+"""Benchmark entry point: `python -m pplx.bench <name> [args]`.
+
+Names: `fabric` (TransferEngine vs raw libfabric), `moe` (dispatch/combine vs NCCL/gloo
+all-to-all). Each module exposes `main(argv)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHES = {
+    "fabric": "pplx.bench.fabric",
+    "moe": "pplx.bench.moe",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHES:
+        print(__doc__)
+        print("usage: python -m pplx.bench {" + ",".join(BENCHES) + "} [--help]")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    mod = importlib.import_module(BENCHES[argv[0]])
+    return int(mod.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
