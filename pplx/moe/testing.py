@@ -1,0 +1,378 @@
+"""Helpers shared by the MoE tests, benchmarks and notebooks.
+
+- random routing and inputs (bf16, or fp8 e4m3 with f32 block scales), drawn fresh from a
+  seeded generator and never all zeros;
+- `poison_` to fill outputs before a run so that unwritten elements show;
+- comparisons that print the first bad index, both values and the mismatch count;
+- `spawn`: run a function on R processes joined by a gloo group over a free local port,
+  with a timeout, turning a child's exception into an error carrying its traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import queue
+import socket
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pplx.moe import layout as L
+
+FP8 = torch.float8_e4m3fn
+# Largest finite float8_e4m3fn value: block scales map each block's absmax onto it.
+FP8_MAX = 448.0
+
+
+# ---------------------------------------------------------------------------------------
+# Random inputs
+
+
+def random_routing(
+    num_tokens: int,
+    num_experts: int,
+    topk: int,
+    generator: torch.Generator,
+    *,
+    distinct: bool = True,
+    index_dtype: torch.dtype = torch.int64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random top-k routing.
+
+    Args:
+        distinct: each token names K different experts (needs K <= E); otherwise experts
+            are drawn with replacement (duplicates inside one token's top-k).
+
+    Returns:
+        indices `[T, K]` index_dtype: global expert per token and slot, and weights `[T, K]`
+        torch.float32 in (0, 1) summing to one per token (never zero).
+    """
+    if distinct:
+        if topk > num_experts:
+            raise ValueError(f"distinct routing needs topk ({topk}) <= num_experts ({num_experts})")
+        scores = torch.rand(num_tokens, num_experts, generator=generator)
+        indices = scores.topk(topk, dim=1).indices
+    else:
+        indices = torch.randint(0, num_experts, (num_tokens, topk), generator=generator)
+    logits = torch.randn(num_tokens, topk, generator=generator)
+    weights = torch.softmax(logits, dim=1).float()
+    return indices.to(index_dtype), weights
+
+
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise fp8 e4m3 quantisation: `[T, H]` float -> (`[T, H]` fp8, `[T, S]` f32 scales).
+
+    S = ceil(H / 128); x ~= fp8.float() * scale of its block.
+    """
+    num_tokens, hidden = x.shape
+    nblk = L.hidden_dim_scale(hidden)
+    pad = nblk * L.SCALE_BLOCK - hidden
+    xp = torch.nn.functional.pad(x.float(), (0, pad)).reshape(num_tokens, nblk, L.SCALE_BLOCK)
+    amax = xp.abs().amax(dim=2).clamp(min=1e-6)  # [T, S]
+    scale = (amax / FP8_MAX).float()
+    q = (xp / scale.unsqueeze(2)).reshape(num_tokens, nblk * L.SCALE_BLOCK)[:, :hidden]
+    return q.to(FP8).contiguous(), scale.contiguous()
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of `quantize_fp8`: `[T, H]` fp8 and `[T, S]` scales -> `[T, H]` f32."""
+    hidden = q.shape[1]
+    s = scale.float().repeat_interleave(L.SCALE_BLOCK, dim=1)[:, :hidden]
+    return q.float() * s
+
+
+def random_tokens(
+    num_tokens: int, hidden: int, dtype: torch.dtype, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Random tokens `[T, H]` of `dtype` and, for fp8, their `[T, S]` f32 scales (else None).
+
+    Values are N(0, 1) times a per-token factor in [0.5, 4), so that scales differ by row.
+    """
+    x = torch.randn(num_tokens, hidden, generator=generator)
+    x = x * (0.5 + 3.5 * torch.rand(num_tokens, 1, generator=generator))
+    if dtype == FP8:
+        return quantize_fp8(x)
+    return x.to(dtype), None
+
+
+@dataclass
+class MoEInputs:
+    """One rank's dispatch/combine inputs.
+
+    Attributes:
+        x: `[T, H]` bf16 or fp8: tokens.
+        x_scale: `[T, S]` torch.float32 (fp8 only) or None.
+        indices: `[T, K]` int32/int64: global expert per token and slot.
+        weights: `[T, K]` torch.float32: combine weights.
+        bound_m: live token count or None.
+    """
+
+    x: torch.Tensor
+    x_scale: torch.Tensor | None
+    indices: torch.Tensor
+    weights: torch.Tensor
+    bound_m: int | None = None
+
+
+def random_group_inputs(
+    seed: int,
+    world_size: int,
+    num_tokens: int | Sequence[int],
+    hidden: int,
+    num_experts: int,
+    topk: int,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    distinct: bool = True,
+    index_dtype: torch.dtype = torch.int64,
+    bound_ms: Sequence[int | None] | None = None,
+) -> list[MoEInputs]:
+    """Every rank's inputs, reproducible from `seed` (each rank of a test rebuilds them all).
+
+    `num_tokens` is one T for all ranks or one per rank.
+    """
+    g = torch.Generator().manual_seed(seed)
+    sizes = [num_tokens] * world_size if isinstance(num_tokens, int) else list(num_tokens)
+    out = []
+    for r in range(world_size):
+        x, x_scale = random_tokens(sizes[r], hidden, dtype, g)
+        idx, w = random_routing(
+            sizes[r], num_experts, topk, g, distinct=distinct, index_dtype=index_dtype
+        )
+        bm = None if bound_ms is None else bound_ms[r]
+        out.append(MoEInputs(x=x, x_scale=x_scale, indices=idx, weights=w, bound_m=bm))
+    return out
+
+
+def random_expert_y(
+    num_rows: int, hidden: int, dtype: torch.dtype, generator: torch.Generator
+) -> torch.Tensor:
+    """Random expert outputs `[rows, H]` of `dtype` (bf16 by default in the contract)."""
+    return torch.randn(num_rows, hidden, generator=generator).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Poisoning and comparison
+
+
+def poison_(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Fill `t` with a value no correct run writes: NaN for floats (0x7F bytes for fp8, a
+    NaN in e4m3fn), 0x7F7F7F7F-like for integers. Returns `t`."""
+    if t is None:
+        return None
+    if t.dtype == FP8 or t.element_size() == 1:
+        t.view(torch.uint8).fill_(0x7F)
+    elif t.is_floating_point():
+        t.fill_(float("nan"))
+    else:
+        t.fill_(torch.iinfo(t.dtype).max // 3)
+    return t
+
+
+def _fmt_row(t: torch.Tensor, n: int = 6) -> str:
+    vals = t.reshape(-1)[:n]
+    if vals.dtype == FP8:
+        vals = vals.float()
+    return str(vals.tolist())
+
+
+def assert_bitwise_equal(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    """`torch.equal` on the bytes; on failure, report the first bad index, both values and
+    how many elements differ."""
+    if got.shape != want.shape:
+        raise AssertionError(f"{name}: shape {tuple(got.shape)} != expected {tuple(want.shape)}")
+    if got.dtype != want.dtype:
+        raise AssertionError(f"{name}: dtype {got.dtype} != expected {want.dtype}")
+    g = got.detach().cpu().contiguous()
+    w = want.detach().cpu().contiguous()
+    gb = g.view(torch.uint8) if g.dtype != torch.bool else g
+    wb = w.view(torch.uint8) if w.dtype != torch.bool else w
+    if torch.equal(gb, wb):
+        return
+    bad = (gb != wb).reshape(g.shape[0], -1).any(dim=1) if g.dim() else (gb != wb)
+    bad_rows = bad.nonzero().reshape(-1)
+    first = int(bad_rows[0]) if g.dim() else 0
+    raise AssertionError(
+        f"{name}: {bad_rows.numel()} of {g.shape[0] if g.dim() else 1} rows differ; first "
+        f"at index {first}: got {_fmt_row(g[first])}, expected {_fmt_row(w[first])}"
+    )
+
+
+def assert_close(
+    got: torch.Tensor, want: torch.Tensor, name: str, *, atol: float, rtol: float
+) -> None:
+    """Elementwise |got - want| <= atol + rtol * |want| in f32; on failure, report the first
+    bad index, both values, the worst error and how many elements fail."""
+    if got.shape != want.shape:
+        raise AssertionError(f"{name}: shape {tuple(got.shape)} != expected {tuple(want.shape)}")
+    g = got.detach().cpu().float()
+    w = want.detach().cpu().float()
+    err = (g - w).abs()
+    bad = ~(err <= atol + rtol * w.abs())  # NaN counts as bad
+    if not bool(bad.any()):
+        return
+    idx = tuple(int(i) for i in bad.nonzero()[0])
+    raise AssertionError(
+        f"{name}: {int(bad.sum())} of {bad.numel()} elements outside atol={atol} rtol={rtol}; "
+        f"first at {idx}: got {g[idx].item()}, expected {w[idx].item()}; "
+        f"max abs err {err.nan_to_num(float('inf')).max().item():.3g}"
+    )
+
+
+def assert_dispatch_matches(
+    expert_num_tokens: torch.Tensor,
+    expert_x: torch.Tensor,
+    expert_x_scale: torch.Tensor | None,
+    want: Any,
+    expert_padding: int,
+    name: str = "dispatch",
+) -> None:
+    """Compare one rank's dispatch outputs with a `reference.DispatchResult`, bit-exact, on
+    the rows that hold tokens (padding rows and rows past the blocks are unspecified)."""
+    assert_bitwise_equal(
+        expert_num_tokens.cpu().to(torch.int32), want.expert_num_tokens, f"{name}.expert_num_tokens"
+    )
+    rows = int(want.expert_offsets[-1])
+    if expert_x.shape[0] < rows:
+        raise AssertionError(f"{name}.expert_x has {expert_x.shape[0]} rows, needs {rows}")
+    mask = L.valid_row_mask(want.expert_num_tokens, expert_padding, rows)
+    counts = want.expert_num_tokens.tolist()
+    assert_bitwise_equal(
+        expert_x.cpu()[:rows][mask],
+        want.expert_x[:rows][mask],
+        f"{name}.expert_x (counts {counts})",
+    )
+    if want.expert_x_scale is not None:
+        if expert_x_scale is None:
+            raise AssertionError(f"{name}.expert_x_scale is None, expected scales")
+        assert_bitwise_equal(
+            expert_x_scale.cpu()[:rows][mask],
+            want.expert_x_scale[:rows][mask],
+            f"{name}.expert_x_scale (counts {counts})",
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Multi-process runner
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 now (bound then released)."""
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(
+    fn: Callable[..., Any],
+    rank: int,
+    world_size: int,
+    port: int,
+    backend: str,
+    args: tuple,
+    results: Any,
+    timeout_s: float,
+) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        try:
+            value = fn(rank, world_size, *args)
+        finally:
+            dist.destroy_process_group()
+        results.put((rank, True, value))
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        results.put((rank, False, traceback.format_exc()))
+
+
+def spawn(
+    fn: Callable[..., Any],
+    world_size: int,
+    args: tuple = (),
+    *,
+    timeout_s: float = 120.0,
+    backend: str = "gloo",
+) -> list[Any]:
+    """Run `fn(rank, world_size, *args)` on `world_size` spawned processes in one group.
+
+    `fn` must be importable (a module-level function). Each child joins a `backend` group
+    over a free port on 127.0.0.1. Returns the per-rank return values (picklable).
+
+    Raises:
+        RuntimeError: with the child's traceback if any rank raised, or naming the ranks
+            that had not finished after `timeout_s` seconds (those processes are killed).
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(
+            target=_child,
+            args=(fn, r, world_size, port, backend, args, results, timeout_s),
+            daemon=True,
+        )
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    values: dict[int, Any] = {}
+    errors: list[str] = []
+    try:
+        while len(values) + len(errors) < world_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                rank, ok, value = results.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                reported = set(values)
+                lost = [r for r in dead if r not in reported]
+                if lost and not errors:
+                    # A child died without reporting (e.g. killed): wait briefly for others.
+                    errors.append(
+                        f"rank(s) {lost} exited with codes "
+                        f"{[procs[r].exitcode for r in lost]} without a result"
+                    )
+                    break
+                continue
+            if ok:
+                values[rank] = value
+            else:
+                errors.append(f"--- rank {rank} raised:\n{value}")
+                # Peers stuck in a collective with the failed rank end at their own
+                # timeout; stop waiting for them after a short grace period.
+                deadline = min(deadline, time.monotonic() + 10.0)
+    finally:
+        for p in procs:
+            p.join(timeout=max(0.0, min(5.0, deadline - time.monotonic())))
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5.0)
+        results.close()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    if len(values) < world_size:
+        missing = sorted(set(range(world_size)) - set(values))
+        raise RuntimeError(f"ranks {missing} did not finish within {timeout_s} s (killed)")
+    return [values[r] for r in range(world_size)]
