@@ -9,10 +9,13 @@
 Importing this package loads neither Triton nor CUDA.
 """
 
+from pplx.moe.all_to_all import AllToAll, DispatchOutputs
 from pplx.moe.layout import max_recv_tokens, num_local_experts
 from pplx.moe.reference import DispatchResult, reference_combine, reference_dispatch
 
 __all__ = [
+    "AllToAll",
+    "DispatchOutputs",
     "DispatchResult",
     "max_recv_tokens",
     "num_local_experts",
