@@ -24,6 +24,9 @@
  * (port 0 = the kernel picks), and {"event":"done"} at the end. Errors go to
  * stderr with a non-zero exit; every wait has a deadline (--timeout-s).
  *
+ * --node N / --domain D pick the NIC as the engine does (fi_getinfo's node
+ * with FI_SOURCE; e.g. --node 127.0.0.1 puts tcp on the loopback).
+ *
  * Build: cc -std=gnu11 -O2 -Wall -Wextra -Werror raw_bench.c -o raw_bench -lfabric
  * (native/bench/Makefile; pplx/bench/fabric.py builds it on demand).
  */
@@ -58,6 +61,7 @@ struct opts {
 	int server;
 	const char *provider;
 	const char *domain;
+	const char *node;
 	int port;
 	int do_lat, do_bw, do_paged;
 	int lat_iters, warmup, reps, window;
@@ -316,7 +320,8 @@ static int setup_fabric(struct ctx *c, const struct opts *o)
 	hints->fabric_attr->prov_name = strdup(o->provider);
 	if (o->domain)
 		hints->domain_attr->name = strdup(o->domain);
-	int rc = fi_getinfo(FI_VERSION(1, 17), NULL, NULL, 0, hints, &c->info);
+	int rc = fi_getinfo(FI_VERSION(1, 17), o->node, NULL, o->node ? FI_SOURCE : 0, hints,
+			    &c->info);
 	fi_freeinfo(hints);
 	if (rc) {
 		fprintf(stderr, "raw_bench: no provider '%s'%s%s: %d (%s)\n", o->provider,
@@ -598,6 +603,7 @@ static void usage(void)
 {
 	fprintf(stderr,
 		"usage: raw_bench --role server|client --provider shm|'tcp;ofi_rxm' [--domain lo]\n"
+		"  [--node 127.0.0.1]\n"
 		"  [--port P] [--tests lat,bw,paged] [--lat-iters N] [--warmup N] [--reps N]\n"
 		"  [--window W] [--sizes 4K,1M,...] [--bytes-per-rep B] [--page-sizes 1K,...]\n"
 		"  [--num-pages N] [--seed S] [--timeout-s T]\n");
@@ -611,7 +617,7 @@ static int parse_args(int argc, char **argv, struct opts *o)
 		{"warmup", 1, 0, 'w'},	   {"reps", 1, 0, 'n'},		 {"window", 1, 0, 'W'},
 		{"sizes", 1, 0, 's'},	   {"bytes-per-rep", 1, 0, 'b'}, {"page-sizes", 1, 0, 'g'},
 		{"num-pages", 1, 0, 'N'},  {"seed", 1, 0, 'S'},		 {"timeout-s", 1, 0, 'T'},
-		{"help", 0, 0, 'h'},	   {0, 0, 0, 0}};
+		{"node", 1, 0, 'o'},	   {"help", 0, 0, 'h'},		 {0, 0, 0, 0}};
 	int role = -1, opt;
 	memset(o, 0, sizeof(*o));
 	o->provider = "shm";
@@ -633,6 +639,7 @@ static int parse_args(int argc, char **argv, struct opts *o)
 			break;
 		case 'p': o->provider = optarg; break;
 		case 'd': o->domain = optarg; break;
+		case 'o': o->node = optarg; break;
 		case 'P': o->port = atoi(optarg); break;
 		case 't':
 			o->do_lat = strstr(optarg, "lat") != NULL;

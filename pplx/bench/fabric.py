@@ -1,0 +1,781 @@
+"""TransferEngine against plain libfabric: latency, bandwidth and paged writes, two processes.
+
+    python -m pplx.bench fabric --provider shm|tcp [--sizes 4K,1M,64M] [--iters N]
+        [--reps N] [--page-sizes 1K,64K] [--quick] [--csv PATH] [--png PATH]
+
+Runs the same three measurements twice in one run, each with two processes on this machine:
+
+- `raw`: `native/bench/raw_bench` (built here on demand with `cc ... -lfabric`): one
+  FI_EP_RDM endpoint, fi_writedata with remote CQ data, one thread polling its CQ.
+- `pplx`: `pplx.fabric.TransferEngine` (C progress thread, ImmCounter, requests).
+
+Measurements (the pattern is the same in both):
+
+- `lat`: 8-byte write+imm ping-pong; one-way = round trip / 2; samples after warm-up.
+- `bw`: per message size, a rep is `n = clamp(bytes_per_rep / size, 2, 1024)` writes with
+  an immediate each, at most `window` in flight; the receiver counts n immediates and acks
+  with an 8-byte write+imm; a sample is the sender's time for one rep.
+- `paged`: per page size, a rep is `num_pages` page writes (random source pages to random
+  destination pages, a permutation), one immediate per page, acked as in `bw`.
+
+Rows go through `pplx.bench.common.emit` (CSV default
+`experiments/results/fabric/fabric_<provider>.csv`); `ratio` is raw_p50 / pplx_p50 (> 1:
+pplx faster; for bandwidth rows it is pplx GB/s over raw GB/s). A PNG plots GB/s against
+message size for both. Targets on shm (issue 2): pplx >= 90% of raw bandwidth from 1 MiB
+up, pplx 8-byte latency <= 1.2x raw; printed as PASS/MISS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+
+from pplx.bench.common import Row, emit, percentiles
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RAW_SRC = os.path.join(REPO, "native", "bench", "raw_bench.c")
+RAW_BIN = os.path.join(REPO, "native", "bench", "raw_bench")
+RESULTS_DIR = os.path.join(REPO, "experiments", "results", "fabric")
+
+KINDS = ("lat", "bw", "paged")
+LAT_BYTES = 8
+# Immediates of the pplx side, one per role, so that counts never mix.
+IMM_LAT = 1
+IMM_DATA = 2
+IMM_ACK = 3
+# Bandwidth targets apply from this message size up (issue 2).
+TARGET_BW_FROM = 1 << 20
+TARGET_BW_FRACTION = 0.9
+TARGET_LAT_FACTOR = 1.2
+
+FULL_SIZES = tuple(4096 << (2 * i) for i in range(8))  # 4 KiB .. 64 MiB, x4
+FULL_PAGE_SIZES = (1024, 4096, 16384, 65536)
+
+
+@dataclasses.dataclass(frozen=True)
+class FabricBenchConfig:
+    """What both implementations run (the raw program gets the same values as flags)."""
+
+    provider: str = "shm"
+    node: str | None = None
+    sizes: tuple[int, ...] = FULL_SIZES
+    page_sizes: tuple[int, ...] = FULL_PAGE_SIZES
+    num_pages: int = 256
+    lat_iters: int = 10000
+    warmup: int = 200
+    reps: int = 10
+    window: int = 16
+    bytes_per_rep: int = 32 << 20
+    seed: int = 1
+    timeout_s: float = 60.0
+    tests: tuple[str, ...] = KINDS
+
+    def __post_init__(self) -> None:
+        if self.provider not in ("shm", "tcp"):
+            raise ValueError(f"provider must be 'shm' or 'tcp', got {self.provider!r}")
+        for name in ("num_pages", "lat_iters", "reps", "window", "bytes_per_rep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_pages > 1024:
+            raise ValueError(f"num_pages must be <= 1024, got {self.num_pages}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if not self.sizes or any(s < 1 for s in self.sizes):
+            raise ValueError(f"sizes must be positive byte counts, got {self.sizes}")
+        if not self.page_sizes or any(s < 1 for s in self.page_sizes):
+            raise ValueError(f"page_sizes must be positive byte counts, got {self.page_sizes}")
+        bad = [t for t in self.tests if t not in KINDS]
+        if bad or not self.tests:
+            raise ValueError(f"tests must be a non-empty subset of {KINDS}, got {self.tests}")
+
+    @property
+    def libfabric_provider(self) -> str:
+        return "tcp;ofi_rxm" if self.provider == "tcp" else self.provider
+
+    @property
+    def warmup_reps(self) -> int:
+        """Untimed reps before each bw/paged size (raw_bench: warmup / 10 + 1)."""
+        return self.warmup // 10 + 1
+
+    def writes_per_rep(self, size: int) -> int:
+        """Writes per bw rep of `size` bytes (raw_bench.c, writes_per_rep)."""
+        return min(1024, max(2, self.bytes_per_rep // size))
+
+    def buf_bytes(self) -> int:
+        """Registered bytes per side (raw_bench.c, main)."""
+        n = 4096
+        if "bw" in self.tests:
+            n = max(n, *self.sizes)
+        if "paged" in self.tests:
+            n = max(n, *(p * self.num_pages for p in self.page_sizes))
+        return n
+
+    def num_results(self) -> int:
+        return (
+            ("lat" in self.tests)
+            + ("bw" in self.tests) * len(self.sizes)
+            + ("paged" in self.tests) * len(self.page_sizes)
+        )
+
+
+@dataclasses.dataclass
+class Measurement:
+    """One measured case of one implementation.
+
+    `samples_us`: lat, one-way microseconds per ping-pong; bw and paged, microseconds per
+    rep of `ops` writes of `bytes` each.
+    """
+
+    kind: str
+    bytes: int
+    ops: int
+    samples_us: list[float]
+    window: int = 1
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.kind, self.bytes)
+
+    @property
+    def payload(self) -> int:
+        return self.bytes * self.ops
+
+    def per_sample(self) -> tuple[float, float, float]:
+        return percentiles(self.samples_us)
+
+    def gbps(self) -> float:
+        """GB/s (1e9 B/s) at the median sample."""
+        return self.payload / self.per_sample()[0] / 1e3
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def parse_size(text: str) -> int:
+    """'4096', '4K', '64KiB', '1M', '1MiB' -> bytes."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    mult = 1
+    if t.endswith("K"):
+        mult, t = 1 << 10, t[:-1]
+    elif t.endswith("M"):
+        mult, t = 1 << 20, t[:-1]
+    elif t.endswith("G"):
+        mult, t = 1 << 30, t[:-1]
+    try:
+        v = int(t) * mult
+    except ValueError:
+        raise ValueError(f"size {text!r}: expected bytes like 4096, 64K or 1M") from None
+    if v < 1:
+        raise ValueError(f"size {text!r}: must be >= 1 byte")
+    return v
+
+
+def parse_sizes(text: str) -> tuple[int, ...]:
+    return tuple(parse_size(s) for s in text.split(",") if s.strip())
+
+
+def fmt_size(n: int) -> str:
+    for unit, shift in (("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return f"{n}B"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- raw program
+
+
+def build_raw(out_path: str = RAW_BIN, force: bool = False) -> str:
+    """Compile native/bench/raw_bench.c into `out_path` if missing or older than the source.
+
+    The compiler writes a temporary file that is renamed into place, so that concurrent
+    builds (tests of other sessions) never run a half-written binary.
+    """
+    if (
+        not force
+        and os.path.exists(out_path)
+        and os.path.getmtime(out_path) >= os.path.getmtime(RAW_SRC)
+    ):
+        return out_path
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("build_raw: no C compiler (set CC or install gcc)")
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp = f"{out_path}.tmp.{os.getpid()}.{threading.get_ident()}"
+    cmd = [cc, "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", RAW_SRC, "-o", tmp]
+    proc = subprocess.run(cmd + ["-lfabric"], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"build_raw: {' '.join(cmd)} -lfabric failed:\n{proc.stderr}")
+    os.replace(tmp, out_path)
+    return out_path
+
+
+def raw_args(cfg: FabricBenchConfig) -> list[str]:
+    args = [
+        f"--provider={cfg.libfabric_provider}",
+        f"--tests={','.join(cfg.tests)}",
+        f"--lat-iters={cfg.lat_iters}",
+        f"--warmup={cfg.warmup}",
+        f"--reps={cfg.reps}",
+        f"--window={cfg.window}",
+        f"--sizes={','.join(map(str, cfg.sizes))}",
+        f"--bytes-per-rep={cfg.bytes_per_rep}",
+        f"--page-sizes={','.join(map(str, cfg.page_sizes))}",
+        f"--num-pages={cfg.num_pages}",
+        f"--seed={cfg.seed}",
+        f"--timeout-s={cfg.timeout_s}",
+    ]
+    if cfg.node:
+        args.append(f"--node={cfg.node}")
+    return args
+
+
+def parse_raw_line(line: str) -> Measurement | None:
+    """One JSON line of the raw client -> Measurement (None for event lines)."""
+    d = json.loads(line)
+    kind = d.get("kind")
+    if kind == "lat":
+        return Measurement("lat", int(d["bytes"]), 1, [float(x) for x in d["samples_us"]])
+    if kind == "bw":
+        return Measurement(
+            "bw",
+            int(d["bytes"]),
+            int(d["writes_per_rep"]),
+            [float(x) for x in d["rep_us"]],
+            int(d["window"]),
+        )
+    if kind == "paged":
+        return Measurement(
+            "paged",
+            int(d["page_bytes"]),
+            int(d["num_pages"]),
+            [float(x) for x in d["rep_us"]],
+            int(d["window"]),
+        )
+    return None
+
+
+def _line_reader(stream, q: queue.Queue) -> None:
+    for line in stream:
+        q.put(line)
+    q.put(None)
+
+
+def run_raw(
+    cfg: FabricBenchConfig,
+    binary: str | None = None,
+    on_result: Callable[[Measurement], None] | None = None,
+) -> list[Measurement]:
+    """Run raw_bench as server + client on this machine and parse the client's lines.
+
+    Raises RuntimeError (with both processes' stderr) on a non-zero exit or when the run
+    takes longer than its budget (cfg.timeout_s per phase, at most 3 phases per case).
+    """
+    binary = binary or build_raw()
+    env = dict(os.environ, IPATH_NO_BACKTRACE="1")
+    budget = cfg.timeout_s * (3 + cfg.num_results())
+    results: list[Measurement] = []
+    with tempfile.TemporaryDirectory(prefix="pplx_raw_bench_") as tmp:
+        errs = [open(os.path.join(tmp, f"{r}.err"), "w+") for r in ("server", "client")]
+        procs: list[subprocess.Popen] = []
+        readers: list[threading.Thread] = []
+
+        def start(role: str, port: int, err) -> queue.Queue:
+            p = subprocess.Popen(
+                [binary, f"--role={role}", f"--port={port}", *raw_args(cfg)],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                env=env,
+            )
+            procs.append(p)
+            lines: queue.Queue = queue.Queue()
+            t = threading.Thread(target=_line_reader, args=(p.stdout, lines), daemon=True)
+            t.start()
+            readers.append(t)
+            return lines
+
+        try:
+            first = start("server", 0, errs[0]).get(timeout=cfg.timeout_s)
+            if not first or '"listening"' not in first:
+                raise RuntimeError(f"raw_bench server did not start: {first!r}")
+            out = start("client", int(json.loads(first)["port"]), errs[1])
+            deadline = time.monotonic() + budget
+            while True:
+                line = out.get(timeout=max(0.1, deadline - time.monotonic()))
+                if line is None:
+                    break
+                m = parse_raw_line(line)
+                if m is not None:
+                    results.append(m)
+                    if on_result:
+                        on_result(m)
+            for p in procs:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            if any(p.returncode != 0 for p in procs):
+                raise RuntimeError("raw_bench exited with " + str([p.returncode for p in procs]))
+        except (queue.Empty, subprocess.TimeoutExpired, RuntimeError) as exc:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(timeout=10)
+            logs = []
+            for name, f in zip(("server", "client"), errs):
+                f.seek(0)
+                logs.append(f"--- raw_bench {name} stderr:\n{f.read()[-4000:]}")
+            what = "timed out" if not isinstance(exc, RuntimeError) else str(exc)
+            raise RuntimeError(f"raw_bench {what}\n" + "\n".join(logs)) from exc
+        finally:
+            for t in readers:
+                t.join(timeout=10)
+            for p in procs:
+                p.stdout.close()
+            for f in errs:
+                f.close()
+    if len(results) != cfg.num_results():
+        raise RuntimeError(f"raw_bench gave {len(results)} results, expected {cfg.num_results()}")
+    return results
+
+
+# ---------------------------------------------------------------- pplx side
+
+
+def _permutation(n: int, gen) -> list[int]:
+    import torch
+
+    return torch.randperm(n, generator=gen).tolist()
+
+
+def _pplx_worker(rank: int, port: int, cfg: FabricBenchConfig, q) -> None:
+    """One of two processes: rank 0 sends (and reports), rank 1 receives and acks."""
+    try:
+        _pplx_body(rank, port, cfg, q)
+        q.put(("done", rank, None))
+    except BaseException:
+        q.put(("error", rank, traceback.format_exc()))
+
+
+def _pplx_body(rank: int, port: int, cfg: FabricBenchConfig, q) -> None:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from pplx.fabric import TransferEngine
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=cfg.timeout_s),
+    )
+    timeout = cfg.timeout_s
+    peer = 1 - rank
+    gen = torch.Generator().manual_seed(cfg.seed + rank)
+    buf = torch.randint(0, 256, (cfg.buf_bytes(),), dtype=torch.uint8, generator=gen)
+    with TransferEngine(provider=cfg.provider, node=cfg.node) as eng:
+        mr, desc = eng.register_tensor(buf)
+        descs: list = [None, None]
+        dist.all_gather_object(descs, desc.to_bytes())
+        peer_desc = type(desc).from_bytes(descs[peer])
+        lat_ctr, data_ctr, ack_ctr = (eng.imm_counter(i) for i in (IMM_LAT, IMM_DATA, IMM_ACK))
+        expected = {IMM_LAT: 0, IMM_DATA: 0, IMM_ACK: 0}
+
+        def write(src_off: int, dst_off: int, n: int, imm: int):
+            return eng.submit_write(mr, src_off, peer_desc, dst_off, n, imm=imm)
+
+        def rep(n: int, length: int, src_offs: Sequence[int], dst_offs: Sequence[int]) -> float:
+            """One bw/paged rep (see run_rep in raw_bench.c); the sender's microseconds."""
+            if rank == 1:
+                expected[IMM_DATA] += n
+                data_ctr.wait(expected[IMM_DATA], timeout=timeout)
+                write(0, 0, LAT_BYTES, IMM_ACK).wait(timeout=timeout)
+                return 0.0
+            inflight: list = []
+            t0 = time.perf_counter()
+            for k in range(n):
+                if len(inflight) >= cfg.window:
+                    inflight.pop(0).wait(timeout=timeout)
+                inflight.append(write(src_offs[k], dst_offs[k], length, IMM_DATA))
+            expected[IMM_ACK] += 1
+            ack_ctr.wait(expected[IMM_ACK], timeout=timeout)
+            dt = (time.perf_counter() - t0) * 1e6
+            for r in inflight:
+                r.wait(timeout=timeout)
+            return dt
+
+        def paged_rep(page: int, src_idx: list[int], dst_idx: list[int]) -> float:
+            """A paged rep through submit_paged_writes: one call, every page with the imm."""
+            n = len(src_idx)
+            if rank == 1:
+                expected[IMM_DATA] += n
+                data_ctr.wait(expected[IMM_DATA], timeout=timeout)
+                write(0, 0, LAT_BYTES, IMM_ACK).wait(timeout=timeout)
+                return 0.0
+            t0 = time.perf_counter()
+            req = eng.submit_paged_writes(
+                mr,
+                peer_desc,
+                page_len=page,
+                src_indices=src_idx,
+                dst_indices=dst_idx,
+                src_stride=page,
+                dst_stride=page,
+                imm=IMM_DATA,
+            )
+            expected[IMM_ACK] += 1
+            ack_ctr.wait(expected[IMM_ACK], timeout=timeout)
+            dt = (time.perf_counter() - t0) * 1e6
+            req.wait(timeout=timeout)
+            return dt
+
+        dist.barrier()
+        if "lat" in cfg.tests:
+            samples = []
+            for i in range(cfg.warmup + cfg.lat_iters):
+                if rank == 1:
+                    expected[IMM_LAT] += 1
+                    lat_ctr.wait(expected[IMM_LAT], timeout=timeout)
+                    write(0, 0, LAT_BYTES, IMM_LAT)
+                else:
+                    t0 = time.perf_counter()
+                    write(0, 0, LAT_BYTES, IMM_LAT)
+                    expected[IMM_LAT] += 1
+                    lat_ctr.wait(expected[IMM_LAT], timeout=timeout)
+                    if i >= cfg.warmup:
+                        samples.append((time.perf_counter() - t0) * 1e6 / 2)
+            if rank == 0:
+                q.put(("result", rank, Measurement("lat", LAT_BYTES, 1, samples)))
+            dist.barrier()
+        if "bw" in cfg.tests:
+            for size in cfg.sizes:
+                n = cfg.writes_per_rep(size)
+                slots = max(1, min(cfg.window, cfg.buf_bytes() // size))
+                offs = [(k % slots) * size for k in range(n)]
+                times = [rep(n, size, offs, offs) for _ in range(cfg.warmup_reps + cfg.reps)]
+                if rank == 0:
+                    m = Measurement("bw", size, n, times[cfg.warmup_reps :], cfg.window)
+                    q.put(("result", rank, m))
+                dist.barrier()
+        if "paged" in cfg.tests:
+            pgen = torch.Generator().manual_seed(cfg.seed)
+            for page in cfg.page_sizes:
+                src_idx = _permutation(cfg.num_pages, pgen)
+                dst_idx = _permutation(cfg.num_pages, pgen)
+                times = [
+                    paged_rep(page, src_idx, dst_idx) for _ in range(cfg.warmup_reps + cfg.reps)
+                ]
+                if rank == 0:
+                    m = Measurement("paged", page, cfg.num_pages, times[cfg.warmup_reps :])
+                    q.put(("result", rank, m))
+                dist.barrier()
+        eng.unregister_memory(mr)
+    dist.destroy_process_group()
+
+
+def run_pplx(
+    cfg: FabricBenchConfig, on_result: Callable[[Measurement], None] | None = None
+) -> list[Measurement]:
+    """Run the TransferEngine side in two spawned processes; rank 0's results, in order.
+
+    A child's exception becomes a RuntimeError carrying its traceback; a run longer than
+    its budget kills both children and raises.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_pplx_worker, args=(r, port, cfg, q)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    results: list[Measurement] = []
+    done: set[int] = set()
+    budget = cfg.timeout_s * (3 + cfg.num_results()) + 60  # + 60 s: spawn, torch import
+    deadline = time.monotonic() + budget
+    try:
+        while len(done) < 2:
+            try:
+                what, rank, payload = q.get(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"pplx bench worker died with exit code {dead}") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"pplx bench timed out after {budget:.0f} s") from None
+                continue
+            if what == "error":
+                raise RuntimeError(f"pplx bench rank {rank} failed:\n{payload}")
+            if what == "done":
+                done.add(rank)
+            elif what == "result":
+                results.append(payload)
+                if on_result:
+                    on_result(payload)
+        for p in procs:
+            p.join(timeout=30)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=10)
+    return results
+
+
+# ---------------------------------------------------------------- report
+
+
+def to_rows(
+    cfg: FabricBenchConfig, raw: Sequence[Measurement], pplx: Sequence[Measurement]
+) -> list[Row]:
+    """Raw and pplx rows side by side per case; pplx rows carry ratio = raw_p50 / pplx_p50."""
+    raw_by = {m.key: m for m in raw}
+    rows: list[Row] = []
+    for m in pplx:
+        base = raw_by.get(m.key)
+        pair = [("raw", base), ("pplx", m)] if base else [("pplx", m)]
+        for impl, meas in pair:
+            p50, p20, p80 = meas.per_sample()
+            if meas.kind == "lat":
+                shape = "8B ping-pong"
+                gbps = 0.0
+                notes = "one-way us = rtt/2"
+            elif meas.kind == "bw":
+                shape = f"{fmt_size(meas.bytes)} x{meas.ops} w{meas.window}"
+                p50, p20, p80 = p50 / meas.ops, p20 / meas.ops, p80 / meas.ops
+                gbps = meas.bytes / p50 / 1e3
+                notes = "us per write"
+            else:
+                shape = f"{meas.ops}x{fmt_size(meas.bytes)}"
+                gbps = meas.gbps()
+                notes = "us per paged transfer"
+            row = Row(
+                bench="fabric",
+                case=meas.kind,
+                impl=impl,
+                p50_us=p50,
+                p20_us=p20,
+                p80_us=p80,
+                provider=cfg.provider,
+                ranks=2,
+                ranks_per_node=2,
+                shape=shape,
+                dtype="uint8",
+                bytes=meas.bytes,
+                gbps_fabric=gbps,
+                notes=notes,
+            )
+            if impl == "pplx" and base is not None:
+                row.baseline = "raw"
+                row.ratio = base.per_sample()[0] / meas.per_sample()[0]
+            rows.append(row)
+    return rows
+
+
+@dataclasses.dataclass
+class TargetCheck:
+    name: str
+    value: float
+    target: str
+    ok: bool
+
+    def line(self) -> str:
+        return f"{'PASS' if self.ok else 'MISS'}  {self.name}: {self.value:.3f} ({self.target})"
+
+
+def check_targets(raw: Sequence[Measurement], pplx: Sequence[Measurement]) -> list[TargetCheck]:
+    """Issue 2's targets (stated for shm): bw >= 90% of raw from 1 MiB up; lat <= 1.2x."""
+    raw_by = {m.key: m for m in raw}
+    checks = []
+    for m in pplx:
+        base = raw_by.get(m.key)
+        if base is None:
+            continue
+        if m.kind == "lat":
+            f = m.per_sample()[0] / base.per_sample()[0]
+            checks.append(TargetCheck("8B latency pplx/raw", f, "<= 1.2", f <= TARGET_LAT_FACTOR))
+        elif m.kind == "bw" and m.bytes >= TARGET_BW_FROM:
+            f = m.gbps() / base.gbps()
+            name = f"bw {fmt_size(m.bytes)} pplx/raw"
+            checks.append(TargetCheck(name, f, ">= 0.90", f >= TARGET_BW_FRACTION))
+    return checks
+
+
+def plot(
+    cfg: FabricBenchConfig,
+    raw: Sequence[Measurement],
+    pplx: Sequence[Measurement],
+    path: str,
+    title: str = "",
+) -> None:
+    """PNG: GB/s against message size (bw) and page size (paged), raw and pplx."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in ("bw", "paged") if k in cfg.tests]
+    if not kinds:
+        return
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.2), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for impl, ms, style in (("raw libfabric", raw, "o--"), ("pplx TransferEngine", pplx, "s-")):
+            pts = sorted((m.bytes, m.gbps()) for m in ms if m.kind == kind)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("message size (bytes)" if kind == "bw" else "page size (bytes)")
+        ax.set_ylabel("GB/s (1e9 B/s)")
+        ax.set_title(
+            f"{cfg.provider}: writes+imm, window {cfg.window}"
+            if kind == "bw"
+            else f"{cfg.provider}: paged writes, {cfg.num_pages} pages, imm per page"
+        )
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+QUICK = dict(
+    sizes=(4096, 65536, 1 << 20),
+    page_sizes=(4096,),
+    num_pages=64,
+    lat_iters=200,
+    warmup=20,
+    reps=3,
+    bytes_per_rep=1 << 20,
+    timeout_s=30.0,
+)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pplx.bench fabric",
+        description="TransferEngine vs plain libfabric (fi_writedata): latency, bandwidth, "
+        "paged writes; two processes on this machine.",
+    )
+    p.add_argument("--provider", choices=("shm", "tcp"), default="shm")
+    p.add_argument("--node", default=None, help="fi_getinfo node for both (e.g. 127.0.0.1)")
+    p.add_argument("--sizes", type=parse_sizes, help="bw message sizes, e.g. 4K,1M,64M")
+    p.add_argument("--page-sizes", type=parse_sizes, help="paged-write page sizes, e.g. 1K,64K")
+    p.add_argument("--num-pages", type=int, help="pages per paged transfer (<= 1024)")
+    p.add_argument("--iters", type=int, help="latency ping-pongs after warm-up")
+    p.add_argument("--warmup", type=int, help="latency warm-up ping-pongs")
+    p.add_argument("--reps", type=int, help="timed reps per bw/paged size")
+    p.add_argument("--window", type=int, help="writes in flight in bw")
+    p.add_argument("--bytes-per-rep", type=parse_size, help="bytes per bw rep (e.g. 32M)")
+    p.add_argument("--tests", help="comma list of lat,bw,paged")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--timeout-s", type=float, help="limit for any single wait")
+    p.add_argument("--quick", action="store_true", help="small sizes, few iterations (tests)")
+    p.add_argument("--csv", help="CSV to append (default experiments/results/fabric/...)")
+    p.add_argument("--png", help="PNG to write (default experiments/results/fabric/...)")
+    p.add_argument("--no-csv", action="store_true")
+    p.add_argument("--no-png", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--strict", action="store_true", help="exit 1 if a shm target is missed")
+    return p
+
+
+def config_from_args(a: argparse.Namespace) -> FabricBenchConfig:
+    kw: dict = dict(QUICK) if a.quick else {}
+    kw["provider"] = a.provider
+    for field, val in (
+        ("node", a.node),
+        ("sizes", a.sizes),
+        ("page_sizes", a.page_sizes),
+        ("num_pages", a.num_pages),
+        ("lat_iters", a.iters),
+        ("warmup", a.warmup),
+        ("reps", a.reps),
+        ("window", a.window),
+        ("bytes_per_rep", a.bytes_per_rep),
+        ("seed", a.seed),
+        ("timeout_s", a.timeout_s),
+    ):
+        if val is not None:
+            kw[field] = val
+    if a.tests:
+        kw["tests"] = tuple(t.strip() for t in a.tests.split(",") if t.strip())
+    return FabricBenchConfig(**kw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = make_parser().parse_args(argv)
+    cfg = config_from_args(a)
+    csv_path = None if a.no_csv else a.csv or os.path.join(RESULTS_DIR, f"fabric_{a.provider}.csv")
+    png_path = None if a.no_png else a.png or os.path.join(RESULTS_DIR, f"fabric_{a.provider}.png")
+
+    from tqdm import tqdm
+
+    binary = build_raw()
+    bar = tqdm(
+        total=2 * cfg.num_results(),
+        desc=f"fabric {cfg.provider}",
+        unit="case",
+        disable=a.no_progress,
+        file=sys.stderr,
+    )
+
+    def tick(impl: str) -> Callable[[Measurement], None]:
+        def f(m: Measurement) -> None:
+            bar.set_postfix_str(f"{impl} {m.kind} {fmt_size(m.bytes)}")
+            bar.update(1)
+
+        return f
+
+    t0 = time.monotonic()
+    raw = run_raw(cfg, binary, on_result=tick("raw"))
+    pplx = run_pplx(cfg, on_result=tick("pplx"))
+    bar.close()
+    rows = to_rows(cfg, raw, pplx)
+    columns = (
+        "case",
+        "impl",
+        "shape",
+        "p50_us",
+        "p20_us",
+        "p80_us",
+        "gbps_fabric",
+        "baseline",
+        "ratio",
+    )
+    if png_path:
+        plot(cfg, raw, pplx, png_path, title=f"{rows[0].fill_context().device}  {rows[0].commit}")
+        print(f"# plot written to {png_path}")
+    checks = check_targets(raw, pplx)
+    print(
+        f"# targets (issue 2, stated for shm; provider here: {cfg.provider}), "
+        f"run took {time.monotonic() - t0:.0f} s"
+    )
+    for c in checks:
+        print(c.line())
+    emit(rows, csv_path, columns)
+    missed = any(not c.ok for c in checks)
+    return 1 if (a.strict and missed and cfg.provider == "shm") else 0
