@@ -1,0 +1,282 @@
+/*
+ * imm.c -- the ImmCounter table, triggers, fault injection and waits.
+ *
+ * Counters are written only by the progress thread, under the engine lock,
+ * with release-ordered atomics so that a CPU or GPU poller that sees the
+ * count also sees the data of the writes counted (the provider wrote the
+ * data before it reported the completion).
+ */
+#include <string.h>
+#include <time.h>
+
+#include "internal.h"
+
+static uint64_t rng_next(struct pplx_engine *e)
+{
+	/* xorshift64*: seeded, reproducible reordering. */
+	e->rng ^= e->rng >> 12;
+	e->rng ^= e->rng << 25;
+	e->rng ^= e->rng >> 27;
+	return e->rng * 0x2545F4914F6CDD1Dull;
+}
+
+static void fire(struct pplx_engine *e, uint32_t imm, struct pplx_trigger *t)
+{
+	t->armed = false;
+	if (t->consume)
+		__atomic_sub_fetch(&e->imm_table[imm], t->n, __ATOMIC_RELEASE);
+	__atomic_store_n(t->flag, t->value, __ATOMIC_RELEASE);
+}
+
+void imm_deliver(struct pplx_engine *e, uint32_t imm)
+{
+	struct pplx_trigger *t;
+	uint64_t c;
+
+	if (imm >= e->cfg.imm_table_size) {
+		e->stats.imms_dropped++;
+		return;
+	}
+	c = __atomic_add_fetch(&e->imm_table[imm], 1, __ATOMIC_RELEASE);
+	e->stats.imms_received++;
+	t = &e->triggers[imm];
+	if (t->armed && c >= t->n)
+		fire(e, imm, t);
+}
+
+void imm_arrived(struct pplx_engine *e, uint32_t imm)
+{
+	uint64_t delay_ns = 0;
+
+	if (!e->cfg.fault_window) {
+		imm_deliver(e, imm);
+		return;
+	}
+	/* Fault injection: hold it; when the window is full, a random held one
+	 * goes first, so arrivals leave out of order. */
+	if (e->num_held == e->cfg.fault_window) {
+		uint32_t j = (uint32_t)(rng_next(e) % e->num_held);
+
+		imm_deliver(e, e->held[j].imm);
+		e->held[j] = e->held[--e->num_held];
+	}
+	if (e->cfg.fault_max_delay_us)
+		delay_ns = rng_next(e) % ((uint64_t)e->cfg.fault_max_delay_us * 1000 + 1);
+	e->held[e->num_held].imm = imm;
+	e->held[e->num_held].release_ns = pplx_now_ns() + delay_ns;
+	e->num_held++;
+}
+
+void imm_release_held(struct pplx_engine *e, bool all, bool *did)
+{
+	uint64_t now = pplx_now_ns();
+
+	for (uint32_t j = 0; j < e->num_held;) {
+		if (all || e->held[j].release_ns <= now) {
+			imm_deliver(e, e->held[j].imm);
+			e->held[j] = e->held[--e->num_held];
+			*did = true;
+		} else {
+			j++;
+		}
+	}
+}
+
+int engine_wait_cond(struct pplx_engine *e, bool (*cond)(void *), void *arg, int64_t timeout_us)
+{
+	uint64_t start = pplx_now_ns(), now = start;
+	uint64_t deadline = timeout_us < 0 ? UINT64_MAX : start + (uint64_t)timeout_us * 1000;
+	uint64_t spin_ns = (uint64_t)e->cfg.spin_us * 1000;
+	int rc;
+
+	atomic_fetch_add(&e->waiters, 1);
+	/* Spin first: a completion usually lands within microseconds, and a
+	 * condition-variable wake-up costs more than that. */
+	while (now - start < spin_ns && now < deadline) {
+		if (cond(arg)) {
+			rc = 0;
+			goto out;
+		}
+		if (atomic_load(&e->closed)) {
+			rc = PPLX_ERR_CLOSED;
+			goto out;
+		}
+		__builtin_ia32_pause();
+		now = pplx_now_ns();
+	}
+	pthread_mutex_lock(&e->lock);
+	for (;;) {
+		struct timespec ts;
+		uint64_t until;
+
+		if (cond(arg)) {
+			rc = 0;
+			break;
+		}
+		if (atomic_load(&e->closed)) {
+			rc = PPLX_ERR_CLOSED;
+			break;
+		}
+		now = pplx_now_ns();
+		if (now >= deadline) {
+			rc = PPLX_ERR_TIMEOUT;
+			break;
+		}
+		/* Wake at least every 10 ms: a bounded sleep needs no lost-wakeup
+		 * proof across the spin phase. */
+		until = deadline - now < 10000000ull ? deadline : now + 10000000ull;
+		ts.tv_sec = (time_t)(until / 1000000000ull);
+		ts.tv_nsec = (long)(until % 1000000000ull);
+		pthread_cond_timedwait(&e->cv, &e->lock, &ts);
+	}
+	pthread_mutex_unlock(&e->lock);
+out:
+	atomic_fetch_sub(&e->waiters, 1);
+	return rc;
+}
+
+int pplx_imm_table(struct pplx_engine *e, uint64_t **ptr, uint64_t *nbytes)
+{
+	*ptr = e->imm_table;
+	*nbytes = (uint64_t)e->cfg.imm_table_size * 8;
+	return 0;
+}
+
+static int check_imm(struct pplx_engine *e, uint32_t imm)
+{
+	if (atomic_load(&e->closed))
+		return pplx_fail(PPLX_ERR_CLOSED, "engine is closed");
+	if (imm >= e->cfg.imm_table_size)
+		return pplx_fail(PPLX_ERR_INVALID, "imm %u >= imm_table_size %u", imm,
+				 e->cfg.imm_table_size);
+	return 0;
+}
+
+int64_t pplx_imm_count(struct pplx_engine *e, uint32_t imm)
+{
+	int rc = check_imm(e, imm);
+
+	if (rc)
+		return rc;
+	return (int64_t)__atomic_load_n(&e->imm_table[imm], __ATOMIC_ACQUIRE);
+}
+
+struct imm_wait_arg {
+	uint64_t *counter;
+	uint64_t n;
+};
+
+static bool imm_reached(void *p)
+{
+	struct imm_wait_arg *a = p;
+
+	return __atomic_load_n(a->counter, __ATOMIC_ACQUIRE) >= a->n;
+}
+
+int pplx_imm_wait(struct pplx_engine *e, uint32_t imm, uint64_t n, int consume, int64_t timeout_us)
+{
+	struct imm_wait_arg a;
+	uint64_t start = pplx_now_ns();
+	int rc = check_imm(e, imm);
+
+	if (rc)
+		return rc;
+	a.counter = &e->imm_table[imm];
+	a.n = n;
+	for (;;) {
+		int64_t left = timeout_us;
+
+		if (timeout_us >= 0) {
+			left = timeout_us - (int64_t)((pplx_now_ns() - start) / 1000);
+			if (left < 0)
+				left = 0;
+		}
+		rc = engine_wait_cond(e, imm_reached, &a, left);
+		if (rc == PPLX_ERR_TIMEOUT)
+			return pplx_fail(rc, "imm %u: %lu of %lu arrivals after %ld us", imm,
+					 (unsigned long)__atomic_load_n(a.counter, __ATOMIC_ACQUIRE),
+					 (unsigned long)n, (long)timeout_us);
+		if (rc)
+			return pplx_fail(rc, "engine closed while waiting for imm %u", imm);
+		if (!consume)
+			return 0;
+		engine_lock(e);
+		if (imm_reached(&a)) {
+			__atomic_sub_fetch(a.counter, n, __ATOMIC_RELEASE);
+			engine_unlock(e);
+			return 0;
+		}
+		engine_unlock(e); /* another consumer was first: wait again */
+	}
+}
+
+int pplx_imm_consume(struct pplx_engine *e, uint32_t imm, uint64_t n)
+{
+	int rc = check_imm(e, imm);
+
+	if (rc)
+		return rc;
+	engine_lock(e);
+	if (e->imm_table[imm] < n)
+		rc = pplx_fail(PPLX_ERR_INVALID, "imm %u: cannot consume %lu of %lu arrivals", imm,
+			       (unsigned long)n, (unsigned long)e->imm_table[imm]);
+	else
+		__atomic_sub_fetch(&e->imm_table[imm], n, __ATOMIC_RELEASE);
+	engine_unlock(e);
+	return rc;
+}
+
+int pplx_imm_set_trigger(struct pplx_engine *e, uint32_t imm, uint64_t n, uint64_t *flag,
+			 uint64_t value, int consume)
+{
+	struct pplx_trigger *t;
+	int rc = check_imm(e, imm);
+
+	if (rc)
+		return rc;
+	engine_lock(e);
+	t = &e->triggers[imm];
+	memset(t, 0, sizeof(*t));
+	if (flag) {
+		t->n = n;
+		t->flag = flag;
+		t->value = value;
+		t->consume = consume != 0;
+		t->armed = true;
+		if (e->imm_table[imm] >= n) /* already there: fire now */
+			fire(e, imm, t);
+	}
+	engine_unlock(e);
+	return 0;
+}
+
+struct u64_wait_arg {
+	const uint64_t *addr;
+	uint64_t value;
+};
+
+static bool u64_equal(void *p)
+{
+	struct u64_wait_arg *a = p;
+
+	return __atomic_load_n(a->addr, __ATOMIC_ACQUIRE) == a->value;
+}
+
+int pplx_wait_u64(struct pplx_engine *e, const uint64_t *addr, uint64_t value, int64_t timeout_us)
+{
+	struct u64_wait_arg a = {.addr = addr, .value = value};
+	int rc;
+
+	if (!addr)
+		return pplx_fail(PPLX_ERR_INVALID, "addr is NULL");
+	if (atomic_load(&e->closed))
+		return pplx_fail(PPLX_ERR_CLOSED, "engine is closed");
+	rc = engine_wait_cond(e, u64_equal, &a, timeout_us);
+	if (rc == PPLX_ERR_TIMEOUT)
+		return pplx_fail(rc, "word at %p is %lu, not %lu, after %ld us", (const void *)addr,
+				 (unsigned long)__atomic_load_n(addr, __ATOMIC_ACQUIRE),
+				 (unsigned long)value, (long)timeout_us);
+	if (rc)
+		return pplx_fail(rc, "engine closed while waiting");
+	return 0;
+}
