@@ -81,6 +81,10 @@ class FabricBenchConfig:
     seed: int = 1
     timeout_s: float = 60.0
     tests: tuple[str, ...] = KINDS
+    # TransferEngine progress thread: spin this long after an event, then nap sleep_us
+    # per idle round (None: the engine's defaults; spin_us=0 spins forever).
+    spin_us: int | None = None
+    sleep_us: int | None = None
 
     def __post_init__(self) -> None:
         if self.provider not in ("shm", "tcp"):
@@ -363,6 +367,40 @@ def _permutation(n: int, gen) -> list[int]:
     return torch.randperm(n, generator=gen).tolist()
 
 
+def _rank_data(cfg: FabricBenchConfig, rank: int):
+    """`[buf_bytes]` torch.uint8: rank's registered buffer, random (seeded per rank)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    return torch.randint(0, 256, (cfg.buf_bytes(),), dtype=torch.uint8, generator=gen)
+
+
+def _check_arrived(
+    buf, peer_orig, src_offs: Sequence[int], dst_offs: Sequence[int], length: int, what: str
+) -> None:
+    """Bit-exact check of the bytes written into `buf` (`[N]` torch.uint8) against the
+    sender's original data `peer_orig`, one range of `length` bytes per (src, dst) offset.
+
+    The sender's first LAT_BYTES bytes are overwritten by the acks (they are the receiver's),
+    so source bytes below LAT_BYTES are left out.
+    """
+    import torch
+
+    ar = torch.arange(length)
+    src = (torch.tensor(list(src_offs))[:, None] + ar).flatten()
+    dst = (torch.tensor(list(dst_offs))[:, None] + ar).flatten()
+    keep = src >= LAT_BYTES
+    src, dst = src[keep], dst[keep]
+    got, want = buf[dst], peer_orig[src]
+    if not torch.equal(got, want):
+        bad = (got != want).nonzero().flatten()
+        i = int(bad[0])
+        raise RuntimeError(
+            f"{what}: {bad.numel()} of {got.numel()} bytes differ; first at receiver offset "
+            f"{int(dst[i])}: got {int(got[i])}, want {int(want[i])}"
+        )
+
+
 def _pplx_worker(rank: int, port: int, cfg: FabricBenchConfig, q) -> None:
     """One of two processes: rank 0 sends (and reports), rank 1 receives and acks."""
     try:
@@ -389,9 +427,11 @@ def _pplx_body(rank: int, port: int, cfg: FabricBenchConfig, q) -> None:
     )
     timeout = cfg.timeout_s
     peer = 1 - rank
-    gen = torch.Generator().manual_seed(cfg.seed + rank)
-    buf = torch.randint(0, 256, (cfg.buf_bytes(),), dtype=torch.uint8, generator=gen)
-    with TransferEngine(provider=cfg.provider, node=cfg.node) as eng:
+    buf = _rank_data(cfg, rank)
+    # What the peer's buffer held before the run: the receiver checks what arrived against it.
+    peer_orig = _rank_data(cfg, peer) if rank == 1 else None
+    knobs = {k: getattr(cfg, k) for k in ("spin_us", "sleep_us") if getattr(cfg, k) is not None}
+    with TransferEngine(provider=cfg.provider, node=cfg.node, **knobs) as eng:
         mr, desc = eng.register_tensor(buf)
         descs: list = [None, None]
         dist.all_gather_object(descs, desc.to_bytes())
@@ -400,7 +440,9 @@ def _pplx_body(rank: int, port: int, cfg: FabricBenchConfig, q) -> None:
         expected = {IMM_LAT: 0, IMM_DATA: 0, IMM_ACK: 0}
 
         def write(src_off: int, dst_off: int, n: int, imm: int):
-            return eng.submit_write(mr, src_off, peer_desc, dst_off, n, imm=imm)
+            return eng.submit_write(
+                mr, peer_desc, n, src_offset=src_off, dst_offset=dst_off, imm=imm
+            )
 
         def rep(n: int, length: int, src_offs: Sequence[int], dst_offs: Sequence[int]) -> float:
             """One bw/paged rep (see run_rep in raw_bench.c); the sender's microseconds."""
@@ -432,14 +474,7 @@ def _pplx_body(rank: int, port: int, cfg: FabricBenchConfig, q) -> None:
                 return 0.0
             t0 = time.perf_counter()
             req = eng.submit_paged_writes(
-                mr,
-                peer_desc,
-                page_len=page,
-                src_indices=src_idx,
-                dst_indices=dst_idx,
-                src_stride=page,
-                dst_stride=page,
-                imm=IMM_DATA,
+                page, mr, src_idx, page, peer_desc, dst_idx, page, imm=IMM_DATA
             )
             expected[IMM_ACK] += 1
             ack_ctr.wait(expected[IMM_ACK], timeout=timeout)
@@ -471,6 +506,8 @@ def _pplx_body(rank: int, port: int, cfg: FabricBenchConfig, q) -> None:
                 slots = max(1, min(cfg.window, cfg.buf_bytes() // size))
                 offs = [(k % slots) * size for k in range(n)]
                 times = [rep(n, size, offs, offs) for _ in range(cfg.warmup_reps + cfg.reps)]
+                if rank == 1:
+                    _check_arrived(buf, peer_orig, offs, offs, size, f"bw {fmt_size(size)}")
                 if rank == 0:
                     m = Measurement("bw", size, n, times[cfg.warmup_reps :], cfg.window)
                     q.put(("result", rank, m))
@@ -483,6 +520,10 @@ def _pplx_body(rank: int, port: int, cfg: FabricBenchConfig, q) -> None:
                 times = [
                     paged_rep(page, src_idx, dst_idx) for _ in range(cfg.warmup_reps + cfg.reps)
                 ]
+                if rank == 1:
+                    src_offs = [i * page for i in src_idx]
+                    dst_offs = [i * page for i in dst_idx]
+                    _check_arrived(buf, peer_orig, src_offs, dst_offs, page, f"paged {page}")
                 if rank == 0:
                     m = Measurement("paged", page, cfg.num_pages, times[cfg.warmup_reps :])
                     q.put(("result", rank, m))
@@ -693,6 +734,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--tests", help="comma list of lat,bw,paged")
     p.add_argument("--seed", type=int)
     p.add_argument("--timeout-s", type=float, help="limit for any single wait")
+    p.add_argument("--spin-us", type=int, help="engine progress thread spin (0: forever)")
+    p.add_argument("--sleep-us", type=int, help="engine progress thread idle nap")
     p.add_argument("--quick", action="store_true", help="small sizes, few iterations (tests)")
     p.add_argument("--csv", help="CSV to append (default experiments/results/fabric/...)")
     p.add_argument("--png", help="PNG to write (default experiments/results/fabric/...)")
@@ -718,6 +761,8 @@ def config_from_args(a: argparse.Namespace) -> FabricBenchConfig:
         ("bytes_per_rep", a.bytes_per_rep),
         ("seed", a.seed),
         ("timeout_s", a.timeout_s),
+        ("spin_us", a.spin_us),
+        ("sleep_us", a.sleep_us),
     ):
         if val is not None:
             kw[field] = val

@@ -1,0 +1,106 @@
+"""`python -m pplx.bench fabric --quick` on shm: both implementations run, rows and table right.
+
+Checks the structure of the CSV and the printed table, never the timings (a shared 2-core CI
+machine gives any number). The pplx side also checks every byte it moved (bit-exact).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+from pplx.bench import fabric
+from pplx.bench.common import FIELDS
+
+
+def test_quick_shm_csv_table_png(tmp_path, capsys):
+    csv_path, png_path = tmp_path / "fabric.csv", tmp_path / "fabric.png"
+    rc = fabric.main(
+        ["--provider=shm", "--quick", f"--csv={csv_path}", f"--png={png_path}", "--no-progress"]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+
+    q = fabric.FabricBenchConfig(**fabric.QUICK)
+    cases = [("lat", 8)] + [("bw", s) for s in q.sizes] + [("paged", p) for p in q.page_sizes]
+    with open(csv_path) as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == FIELDS
+        rows = list(reader)
+    # raw then pplx, per case, in sweep order.
+    want = [(k, str(b), impl) for k, b in cases for impl in ("raw", "pplx")]
+    assert [(r["case"], r["bytes"], r["impl"]) for r in rows] == want
+    for r in rows:
+        assert (r["bench"], r["provider"], r["ranks"]) == ("fabric", "shm", "2")
+        p20, p50, p80 = (float(r[k]) for k in ("p20_us", "p50_us", "p80_us"))
+        assert 0 < p20 <= p50 <= p80, r
+        if r["case"] != "lat":
+            assert float(r["gbps_fabric"]) > 0, r
+    for raw, pplx in zip(rows[::2], rows[1::2]):
+        assert raw["baseline"] == "" and pplx["baseline"] == "raw"
+        # ratio = raw p50 / pplx p50 (per write for bw rows: both divide by the same count).
+        ratio = float(raw["p50_us"]) / float(pplx["p50_us"])
+        assert math.isclose(float(pplx["ratio"]), ratio, rel_tol=1e-2), (raw, pplx)
+        if raw["case"] == "bw":
+            g = float(pplx["gbps_fabric"]) / float(raw["gbps_fabric"])
+            assert math.isclose(g, ratio, rel_tol=1e-2)
+
+    # The table is printed last with both implementations; one target line per 1 MiB+ size
+    # and one for latency, each PASS or MISS.
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["case", "impl"])
+    body = lines[header + 2 : header + 2 + len(want)]
+    assert [tuple(line.split()[:2]) for line in body] == [(k, impl) for k, _, impl in want]
+    targets = [line for line in lines if line.startswith(("PASS", "MISS"))]
+    assert len(targets) == 1 + sum(s >= fabric.TARGET_BW_FROM for s in q.sizes), out
+    assert any("8B latency pplx/raw" in t for t in targets)
+
+    with open(png_path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_check_arrived_catches_a_wrong_byte():
+    g = torch.Generator().manual_seed(7)
+    orig = torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=g)
+    buf = torch.full((4096,), 0x7F, dtype=torch.uint8)  # poisoned: unwritten bytes show
+    src, dst = [1024, 0], [0, 2048]
+    for s, d in zip(src, dst):
+        buf[d : d + 512] = orig[s : s + 512]
+    fabric._check_arrived(buf, orig, src, dst, 512, "ok")
+    # Source bytes below LAT_BYTES are the acks' and are not compared.
+    buf[2048] ^= 1
+    fabric._check_arrived(buf, orig, src, dst, 512, "ack bytes")
+    buf[2048 + 100] ^= 1
+    with pytest.raises(
+        RuntimeError, match=r"1 of 1016 bytes differ; first at receiver offset 2148"
+    ):
+        fabric._check_arrived(buf, orig, src, dst, 512, "bad")
+
+
+def test_targets_and_ratio_direction():
+    # Synthetic measurements: pplx half the raw bandwidth at 1 MiB, 1.1x the raw latency.
+    raw = [
+        fabric.Measurement("lat", 8, 1, [1.0, 1.0, 1.0]),
+        fabric.Measurement("bw", 1 << 20, 4, [400.0, 400.0]),
+        fabric.Measurement("bw", 4096, 4, [10.0]),
+    ]
+    pplx = [
+        fabric.Measurement("lat", 8, 1, [1.1, 1.1]),
+        fabric.Measurement("bw", 1 << 20, 4, [800.0]),
+        fabric.Measurement("bw", 4096, 4, [100.0]),
+    ]
+    checks = {c.name: c for c in fabric.check_targets(raw, pplx)}
+    assert set(checks) == {"8B latency pplx/raw", "bw 1MiB pplx/raw"}  # no target below 1 MiB
+    assert checks["8B latency pplx/raw"].ok and math.isclose(
+        checks["8B latency pplx/raw"].value, 1.1
+    )
+    assert not checks["bw 1MiB pplx/raw"].ok and math.isclose(checks["bw 1MiB pplx/raw"].value, 0.5)
+    rows = fabric.to_rows(fabric.FabricBenchConfig(), raw, pplx)
+    bw = [r for r in rows if r.case == "bw" and r.bytes == 1 << 20]
+    assert [r.impl for r in bw] == ["raw", "pplx"]
+    assert math.isclose(bw[0].p50_us, 100.0) and math.isclose(bw[1].p50_us, 200.0)  # per write
+    assert math.isclose(bw[0].gbps_fabric, (1 << 20) / 100.0 / 1e3)
+    assert math.isclose(bw[1].ratio, 0.5)
