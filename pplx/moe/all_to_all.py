@@ -91,6 +91,9 @@ class AllToAll:
     the same order with the same `do_send` / `do_recv` flags. With the torch backend they
     synchronise with the device (counts are read on the host) and cannot be captured in a
     CUDA graph; index values are range-checked except while a CUDA graph is captured.
+
+    Warning: a combine uses the routing (`indices`, `bound_m`) of the dispatch before it:
+    the Triton backend keeps that dispatch's state, so pass the same routing to both.
     """
 
     def __init__(

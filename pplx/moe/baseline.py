@@ -120,8 +120,9 @@ def plan_dispatch(
 
 
 def permute_rows(x: torch.Tensor, plan: BaselinePlan) -> torch.Tensor:
-    """`[T, C]` per-token rows -> `[N_send, C]` rows grouped by destination rank."""
-    return x[plan.send_slots // plan.topk]
+    """`[T, C]` per-token rows -> `[N_send, C * itemsize]` uint8 rows grouped by destination
+    rank (bytes: fp8 indexing is not implemented on every device/version)."""
+    return x.contiguous().view(torch.uint8)[plan.send_slots // plan.topk]
 
 
 def unpermute_dispatch(recv: torch.Tensor, plan: BaselinePlan, out: torch.Tensor) -> None:

@@ -307,7 +307,8 @@ class PendingDispatch:
 
     Attributes:
         expert_num_tokens: `[E_local]` torch.int64 counts of this rank's local experts.
-        recv_x: `[N_recv, H]` received rows in arrival order (source rank, expert, t, k).
+        recv_x: `[N_recv, H * itemsize]` torch.uint8: received rows (as bytes) in arrival
+            order (source rank, expert, t, k).
         recv_x_scale: `[N_recv, S]` torch.float32 or None.
         recv_rows: `[N_recv]` torch.int64: row of `expert_x` for each received row.
     """
@@ -338,7 +339,8 @@ def pg_dispatch_send(
     send_counts = rmap.send_counts.tolist()
     e_local = layout.num_local_experts
     recv_counts = layout.counts[:, rank * e_local : (rank + 1) * e_local].sum(1).tolist()
-    recv_x = exchange_rows(x[tok], send_counts, recv_counts, group)
+    # Gather rows as bytes: fp8 indexing is not implemented on every device/version.
+    recv_x = exchange_rows(_as_bytes(x)[tok], send_counts, recv_counts, group)
     recv_x_scale = None
     if x_scale is not None:
         recv_x_scale = exchange_rows(x_scale.float()[tok], send_counts, recv_counts, group)

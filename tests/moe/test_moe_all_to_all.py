@@ -168,21 +168,18 @@ def _run_case(rank: int, world: int, seed: int, c: Case) -> None:
     TT.assert_close(out, want_out, "baseline_combine", atol=COMBINE_ATOL, rtol=COMBINE_RTOL)
 
 
-def _run_cases(rank: int, world: int, cases: list[Case]) -> int:
+def _run_cases(rank: int, world: int, cases: list[Case]) -> tuple[int, str]:
     for n, c in enumerate(cases):
         try:
             _run_case(rank, world, 100 * world + n, c)
         except Exception as e:
             raise AssertionError(f"case {c.why!r} (world {world}, rank {rank}): {e}") from e
-    return len(cases)
-
-
-def _check_not_divisible(rank: int, world: int) -> str:
+    # E = 2 * world + 1 experts cannot be split over the group: a clear error, no exchange.
     try:
-        AllToAll(4, 8, 1, 128, None, torch.bfloat16, torch.bfloat16, None, 2)
+        AllToAll(4, 2 * world + 1, 1, 128, None, torch.bfloat16, torch.bfloat16, None, 2)
     except ValueError as e:
-        return str(e)
-    return "no error"
+        return len(cases), str(e)
+    return len(cases), "no error"
 
 
 CASES_2 = [
@@ -212,12 +209,11 @@ CASES_4 = [
     "world,cases", [(2, CASES_2), (3, CASES_3), (4, CASES_4)], ids=["world2", "world3", "world4"]
 )
 def test_torch_backend_and_baseline_match_reference(world, cases):
-    assert TT.spawn(_run_cases, world, (cases,), timeout_s=240) == [len(cases)] * world
-
-
-def test_experts_not_divisible_by_world_size():
-    msgs = TT.spawn(_check_not_divisible, 3, timeout_s=120)
-    assert all("num_experts (8) must be divisible by the world size (3)" in m for m in msgs), msgs
+    results = TT.spawn(_run_cases, world, (cases,), timeout_s=240)
+    assert [n for n, _ in results] == [len(cases)] * world
+    # Experts not divisible by the world size.
+    want = f"num_experts ({2 * world + 1}) must be divisible by the world size ({world})"
+    assert all(want in msg for _, msg in results), results
 
 
 def test_single_rank_without_process_group():
