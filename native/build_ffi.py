@@ -1,7 +1,8 @@
 """cffi out-of-line API builder for pplx._native.
 
-The cdef is the text of native/include/pplx_fabric.h between its CDEF markers, so the
-header stays the single source of truth (STYLE.md, 9). Built by setup.py
+The cdef is the text between the CDEF markers of each public header in native/include/
+(pplx_fabric.h first, then the others by name), so the headers stay the single source of
+truth (STYLE.md, 9). Built by setup.py
 (cffi_modules) or by hand: `python native/build_ffi.py` builds into the source tree.
 """
 
@@ -12,23 +13,31 @@ import re
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-HEADER = os.path.join(HERE, "include", "pplx_fabric.h")
+MAIN_HEADER = os.path.join(HERE, "include", "pplx_fabric.h")
+
+
+def _headers() -> list[str]:
+    others = sorted(glob.glob(os.path.join(HERE, "include", "*.h")))
+    return [MAIN_HEADER] + [h for h in others if h != MAIN_HEADER]
 
 
 def _cdef_text() -> str:
-    with open(HEADER) as f:
-        text = f.read()
-    m = re.search(r"/\* CDEF BEGIN \*/(.*)/\* CDEF END \*/", text, re.S)
-    if m is None:
-        raise RuntimeError(f"{HEADER}: CDEF BEGIN/END markers not found")
-    return m.group(1)
+    parts = []
+    for header in _headers():
+        with open(header) as f:
+            text = f.read()
+        m = re.search(r"/\* CDEF BEGIN \*/(.*)/\* CDEF END \*/", text, re.S)
+        if m is None:
+            raise RuntimeError(f"{header}: CDEF BEGIN/END markers not found")
+        parts.append(m.group(1))
+    return "\n".join(parts)
 
 
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef_text())
 ffibuilder.set_source(
     "pplx._native",
-    '#include "pplx_fabric.h"',
+    "\n".join(f'#include "{os.path.basename(h)}"' for h in _headers()),
     sources=sorted(os.path.relpath(p) for p in glob.glob(os.path.join(HERE, "src", "*.c"))),
     include_dirs=[os.path.relpath(os.path.join(HERE, "include"))],
     libraries=["fabric", "pthread"],
