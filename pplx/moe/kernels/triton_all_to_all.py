@@ -1,0 +1,504 @@
+"""`TritonAllToAll`: the launcher and object over the dispatch/combine kernels (one node).
+
+Shape legend: T tokens per rank (T_MAX = max_num_tokens), K top-k, E experts, E_L = E / R,
+H hidden, S = hidden_dim_scale, R ranks.
+
+`pplx.moe.AllToAll(backend="triton")` validates every argument and then calls this
+object's `dispatch` / `combine` with the same argument names. Used directly, it does no
+validation of its own.
+
+Warning: dispatch and combine are collectives: every rank of the group must make the same
+sequence of calls (the device-side epoch counters must agree). A split call
+(`do_send=True, do_recv=False` then `do_send=False, do_recv=True`) equals one call; the
+halves must alternate. Combine must follow a dispatch with the same routing and bound_m.
+
+Warning: no host synchronisation happens inside dispatch or combine on CUDA; every grid
+depends only on the constructor's sizes and `bound_m` is read on the device, so a whole
+step can be captured in a CUDA graph and replayed with changing `bound_m` values. On CUDA
+a wait that never ends gives up after a bounded spin and sets an error flag that
+`check()` reads (a host sync); on CPU every launch is followed by that check, which raises
+`TimeoutError`.
+
+CPU mode: ranks are processes of a gloo group, buffers live in /dev/shm, the kernels run
+under Triton's interpreter: `TRITON_INTERPRET=1` must be set before this module (or any
+`pplx.moe.kernels` kernel module) is imported.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+
+from pplx.moe.kernels.buffers import BufferLayout, PeerBuffers
+from pplx.moe.kernels.combine_kernels import _combine_recv_kernel, _combine_send_kernel
+from pplx.moe.kernels.dispatch_kernels import (
+    _dispatch_count_kernel,
+    _dispatch_recv_kernel,
+    _dispatch_send_kernel,
+)
+from pplx.moe.kernels.sync_kernels import spin_probe_kernel
+
+_TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+_WORDS = [
+    (8, torch.int64, tl.int64),
+    (4, torch.int32, tl.int32),
+    (2, torch.int16, tl.int16),
+    (1, torch.uint8, tl.uint8),
+]
+# Polls of one flag before a wait gives up. CUDA: a local poll is well under 1 us, so 2e9
+# polls is minutes: the bound only turns a lost peer into an error. Interpreter: one poll
+# is Python work (0.1-2 ms measured on a loaded 2-core CI box), so the count is calibrated
+# at construction from the time of _PROBE_POLLS polls.
+_SPIN_CUDA = 2_000_000_000
+_PROBE_POLLS = 32
+
+
+def _cpu_polls_per_s() -> float:
+    flag = torch.zeros(2, dtype=torch.int32)
+    t0 = time.perf_counter()
+    spin_probe_kernel[(1,)](flag, flag[1:], MAX_SPIN=_PROBE_POLLS)
+    return _PROBE_POLLS / max(time.perf_counter() - t0, 1e-6)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _clamp(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, n))
+
+
+def interpreter_active() -> bool:
+    """True when the kernels of this package were decorated under TRITON_INTERPRET=1."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_dispatch_count_kernel, InterpretedFunction)
+
+
+class TritonAllToAll:
+    """Dispatch/combine among the ranks of one node with Triton kernels.
+
+    Args:
+        max_num_tokens: T_MAX, the most tokens any rank passes to one call.
+        num_experts: E (R must divide it).
+        expert_padding: each local expert's block of `expert_x` is padded to this multiple.
+        hidden_dim: H.
+        hidden_dim_scale: S, f32 scales per token (fp8 input only).
+        in_dtype: dtype of `dp_x` (bf16, or torch.float8_e4m3fn with scales).
+        out_dtype: dtype of `expert_y` and `out_tokens` (bf16).
+        scale_dtype: torch.float32 (or None for bf16 input).
+        num_experts_per_token: K.
+        group: the process group (default: WORLD); one rank per GPU (or process on CPU).
+        device: CUDA device of this rank, or CPU (interpreter).
+        timeout_s: on CPU, how long a wait may last before `TimeoutError`.
+        block_tokens: tokens per program in every kernel (default: tuned for CUDA; all
+            T in one program on CPU).
+    """
+
+    def __init__(
+        self,
+        *,
+        max_num_tokens: int,
+        num_experts: int,
+        expert_padding: int,
+        hidden_dim: int,
+        hidden_dim_scale: int,
+        in_dtype: torch.dtype,
+        out_dtype: torch.dtype,
+        scale_dtype: torch.dtype | None,
+        num_experts_per_token: int,
+        group: dist.ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+        timeout_s: float = 60.0,
+        block_tokens: int | None = None,
+    ) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        if device is None:
+            device = (
+                torch.device("cuda", torch.cuda.current_device())
+                if torch.cuda.is_available()
+                else torch.device("cpu")
+            )
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if self.device.type == "cpu" and not interpreter_active():
+            raise RuntimeError(
+                "TritonAllToAll on CPU needs Triton's interpreter: set TRITON_INTERPRET=1 "
+                "before pplx.moe.kernels is imported (in each rank's process)"
+            )
+        if num_experts % self.world_size:
+            raise ValueError(
+                f"num_experts ({num_experts}) must be divisible by the world size "
+                f"({self.world_size})"
+            )
+        if out_dtype not in _TL_DTYPE:
+            raise ValueError(f"out_dtype must be bf16/f16/f32, got {out_dtype}")
+        self.max_num_tokens = int(max_num_tokens)
+        self.num_experts = int(num_experts)
+        self.expert_padding = int(expert_padding)
+        self.hidden_dim = int(hidden_dim)
+        self.hidden_dim_scale = int(hidden_dim_scale)
+        self.in_dtype = in_dtype
+        self.out_dtype = out_dtype
+        self.has_scale = in_dtype.itemsize == 1
+        self.topk = int(num_experts_per_token)
+        self.num_local_experts = self.num_experts // self.world_size
+        self.timeout_s = float(timeout_s)
+        if self.device.type == "cuda":
+            self.max_spin = _SPIN_CUDA
+        else:
+            self.max_spin = max(_PROBE_POLLS, int(self.timeout_s * _cpu_polls_per_s()))
+
+        R, T, K = self.world_size, self.max_num_tokens, self.topk
+        in_bytes = in_dtype.itemsize
+        self.layout = BufferLayout.build(
+            R,
+            T,
+            K,
+            self.num_local_experts,
+            self.hidden_dim,
+            in_bytes,
+            self.hidden_dim_scale,
+            self.has_scale,
+            out_dtype.itemsize,
+        )
+        row_bytes = self.hidden_dim * in_bytes
+        self.word_bytes, self.word_torch, self.word_tl = next(
+            w for w in _WORDS if row_bytes % w[0] == 0
+        )
+        self.words = row_bytes // self.word_bytes
+        self.row_words = self.layout.row_bytes // self.word_bytes
+        # Row stride of the combine area in out_dtype elements (rows start 16-byte aligned).
+        self.comb_stride = (
+            (self.hidden_dim * out_dtype.itemsize + 15) // 16 * 16 // out_dtype.itemsize
+        )
+
+        # Tiles. CUDA: decode (T=128) spreads over ~100 programs per kernel and prefill
+        # (T=4096) over ~1000. Interpreter: every program costs Python time, so by default
+        # one tile covers all T (tests pass block_tokens to exercise several tiles).
+        if block_tokens is None and self.device.type == "cpu":
+            block_tokens = _pow2(T)
+        if block_tokens is not None:
+            bt = rb = tb = _clamp(_pow2(block_tokens), 1, 64)
+        else:
+            bt = _clamp(_pow2(T // 16), 1, 32)
+            rb = _clamp(_pow2(T // 32), 1, 16)
+            tb = _clamp(_pow2(T // 128), 1, 16)
+        self.bt = bt  # tokens per send program
+        self.nc = triton.cdiv(T, self.bt)
+        self.cb_prefix = _clamp(_pow2(self.nc), 1, 64)
+        self.rb = rb  # received tokens per recv program (per source)
+        self.rc = triton.cdiv(T, self.rb)
+        self.cb = self.rb  # received tokens per combine-send program
+        self.cc = triton.cdiv(T, self.cb)
+        self.tb = tb  # tokens per combine-recv program
+        self.nb = triton.cdiv(T, self.tb)
+        self.k_pad = _pow2(K)
+        self.e_local_pad = _pow2(self.num_local_experts)
+        self.r_pad = _pow2(R)
+        self.s_pad = _pow2(max(1, self.hidden_dim_scale))
+        wpad = _pow2(self.words)
+        self.block_w_send = _clamp(2048 // self.bt, 16, wpad)
+        self.block_w_recv = _clamp(2048 // (self.rb * self.k_pad), 16, wpad)
+        hpad = _pow2(self.hidden_dim)
+        self.block_h_send = _clamp(2048 // self.cb, 32, hpad)
+        self.block_h_recv = _clamp(4096 // self.tb, 32, hpad)
+        self.num_warps = 4
+
+        dev = self.device
+        self.buffers = PeerBuffers(self.layout.nbytes, group, dev)
+        i32 = dict(dtype=torch.int32, device=dev)
+        # [0] dispatch epoch, [1] combine epoch, [2]/[3] done counters, [4] error flag.
+        self.state = torch.zeros(8, **i32)
+        self.chunk_counts = torch.zeros(self.nc, self.num_experts, **i32)
+        self.chunk_hits = torch.zeros(self.nc, R, **i32)
+        self.send_pos = torch.full((T, R), -1, **i32)
+        self.comb_row = torch.full((R, T, K), -1, **i32)
+        self.comb_w = torch.zeros(R, T, K, dtype=torch.float32, device=dev)
+        self.comb_ntok = torch.zeros(R, **i32)
+        self.full_m = torch.full((1,), T, **i32)
+        self._dummy_scale = torch.zeros(1, 1, **i32)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        dist.barrier(group)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _offs(self) -> dict[str, int]:
+        lay = self.layout
+        return dict(
+            off_disp_flag=lay.disp_flag,
+            off_disp_ack=lay.disp_ack,
+            off_counts=lay.counts,
+            off_ntok=lay.ntok,
+            off_tok_e=lay.tok_e,
+            off_tok_q=lay.tok_q,
+            off_tok_w=lay.tok_w,
+            off_rows=lay.rows,
+            off_scales=lay.scales,
+        )
+
+    def _bound(self, bound_m: torch.Tensor | None) -> torch.Tensor:
+        if bound_m is None:
+            return self.full_m
+        return bound_m.reshape(-1)[:1].to(torch.int32)
+
+    def _words(self, t: torch.Tensor) -> torch.Tensor:
+        t = t if t.stride(-1) == 1 else t.contiguous()
+        if t.data_ptr() % self.word_bytes or (t.stride(0) * t.element_size()) % self.word_bytes:
+            t = t.contiguous()
+        return (
+            t.view(torch.uint8).view(self.word_torch)
+            if t.element_size() == 1
+            else (t.view(self.word_torch))
+        )
+
+    def check(self) -> None:
+        """Raise TimeoutError if a wait gave up (reads a device flag: a host sync on CUDA)."""
+        if int(self.state[4].item()):
+            raise TimeoutError(
+                f"TritonAllToAll rank {self.rank}: a peer did not signal within the wait bound "
+                f"({self.timeout_s:.0f} s on CPU); a rank missed a call or died"
+            )
+
+    def _after_launch(self) -> None:
+        if self.device.type == "cpu":
+            self.check()
+
+    # -- dispatch --------------------------------------------------------------------------
+
+    def dispatch(
+        self,
+        out_expert_num_tokens: torch.Tensor,
+        out_expert_x: torch.Tensor,
+        out_expert_x_scale: torch.Tensor | None,
+        dp_x: torch.Tensor,
+        dp_x_scale: torch.Tensor | None,
+        indices: torch.Tensor,
+        weights: torch.Tensor,
+        bound_m: torch.Tensor | None = None,
+        do_send: bool = True,
+        do_recv: bool = True,
+    ) -> None:
+        """Send tokens to the ranks of their experts and place them in `out_expert_x`.
+
+        Args:
+            out_expert_num_tokens: `[E_L]` torch.int32 (out): slots per local expert.
+            out_expert_x: `[max_recv_tokens, H]` in_dtype (out): rows in contract order.
+            out_expert_x_scale: `[max_recv_tokens, S]` torch.float32 (out, fp8) or None.
+            dp_x: `[T, H]` in_dtype: this rank's tokens.
+            dp_x_scale: `[T, S]` torch.float32 (fp8) or None.
+            indices: `[T, K]` int32/int64: global expert per token and slot.
+            weights: `[T, K]` torch.float32: combine weight per token and slot (travels
+                with the tokens; combine uses these).
+            bound_m: `[1]` torch.int32 live token count, or None (all T).
+        """
+        R, K = self.world_size, self.topk
+        bm = self._bound(bound_m)
+        num_tokens = dp_x.shape[0]
+        ptrs = self.buffers.ptrs
+        if do_send:
+            idx = indices if indices.stride(-1) == 1 else indices.contiguous()
+            w = weights if weights.stride(-1) == 1 else weights.contiguous()
+            _dispatch_count_kernel[(self.nc, R)](
+                idx,
+                idx.stride(0),
+                bm,
+                num_tokens,
+                self.chunk_counts,
+                self.chunk_hits,
+                K=K,
+                E_LOCAL=self.num_local_experts,
+                E_LOCAL_PAD=self.e_local_pad,
+                R=R,
+                BT=self.bt,
+                num_warps=self.num_warps,
+            )
+            x = self._words(dp_x)
+            if self.has_scale:
+                xs = dp_x_scale.contiguous().view(torch.int32)
+                stride_st = xs.stride(0)
+            else:
+                xs, stride_st = self._dummy_scale, 0
+            _dispatch_send_kernel[(self.nc, R)](
+                x,
+                x.stride(0),
+                xs,
+                stride_st,
+                idx,
+                idx.stride(0),
+                w,
+                w.stride(0),
+                bm,
+                num_tokens,
+                self.chunk_counts,
+                self.chunk_hits,
+                self.send_pos,
+                ptrs,
+                self.state,
+                self.rank,
+                **self._offs(),
+                T_MAX=self.max_num_tokens,
+                W=self.words,
+                ROW_WORDS=self.row_words,
+                S=self.hidden_dim_scale,
+                HAS_SCALE=self.has_scale,
+                K=K,
+                E_LOCAL=self.num_local_experts,
+                E_LOCAL_PAD=self.e_local_pad,
+                R=R,
+                BT=self.bt,
+                NC=self.nc,
+                CB=self.cb_prefix,
+                BLOCK_W=self.block_w_send,
+                S_PAD=self.s_pad,
+                WORD=self.word_tl,
+                MAX_SPIN=self.max_spin,
+                num_warps=self.num_warps,
+            )
+            self._after_launch()
+        if do_recv:
+            ex = self._words(out_expert_x)
+            if self.has_scale:
+                exs = out_expert_x_scale.view(torch.int32)
+                stride_sr = exs.stride(0)
+            else:
+                exs, stride_sr = self._dummy_scale, 0
+            _dispatch_recv_kernel[(R, self.rc)](
+                out_expert_num_tokens,
+                ex,
+                ex.stride(0),
+                exs,
+                stride_sr,
+                self.comb_row,
+                self.comb_w,
+                self.comb_ntok,
+                ptrs,
+                self.state,
+                self.rank,
+                **self._offs(),
+                T_MAX=self.max_num_tokens,
+                W=self.words,
+                ROW_WORDS=self.row_words,
+                S=self.hidden_dim_scale,
+                expert_padding=self.expert_padding,
+                HAS_SCALE=self.has_scale,
+                K=K,
+                K_PAD=self.k_pad,
+                E_LOCAL=self.num_local_experts,
+                E_LOCAL_PAD=self.e_local_pad,
+                R=R,
+                R_PAD=self.r_pad,
+                NC=self.nc,
+                RB=self.rb,
+                RC=self.rc,
+                BLOCK_W=self.block_w_recv,
+                S_PAD=self.s_pad,
+                WORD=self.word_tl,
+                MAX_SPIN=self.max_spin,
+                num_warps=self.num_warps,
+            )
+            if ex.data_ptr() != out_expert_x.data_ptr():
+                raise ValueError("out_expert_x must be contiguous with word-aligned rows")
+            self._after_launch()
+
+    # -- combine ---------------------------------------------------------------------------
+
+    def combine(
+        self,
+        out_tokens: torch.Tensor,
+        indices: torch.Tensor,
+        weights: torch.Tensor,
+        expert_y: torch.Tensor,
+        bound_m: torch.Tensor | None = None,
+        do_send: bool = True,
+        do_recv: bool = True,
+        accumulate: bool = False,
+    ) -> None:
+        """Send expert outputs back and reduce them into `out_tokens` rows t < bound_m.
+
+        Args:
+            out_tokens: `[T, H]` out_dtype (in/out): `out[t] = sum_k w[t,k] y[row(t,k)]`
+                (plus the old value with accumulate=True); rows >= bound_m untouched.
+            indices: `[T, K]`: the routing given to dispatch (its row map is reused).
+            weights: `[T, K]` torch.float32: must equal dispatch's weights (see module).
+            expert_y: `[max_recv_tokens, H]` out_dtype: rows at expert_x's positions.
+            bound_m: `[1]` torch.int32 live token count (same as dispatch's), or None.
+        """
+        R = self.world_size
+        ptrs = self.buffers.ptrs
+        lay = self.layout
+        out_tl = _TL_DTYPE[self.out_dtype]
+        if do_send:
+            y = expert_y if expert_y.stride(-1) == 1 else expert_y.contiguous()
+            _combine_send_kernel[(R, self.cc)](
+                y,
+                y.stride(0),
+                self.comb_row,
+                self.comb_w,
+                self.comb_ntok,
+                ptrs,
+                self.state,
+                self.rank,
+                lay.comb_ack,
+                lay.comb_flag,
+                lay.comb_rows,
+                self.max_num_tokens,
+                self.hidden_dim,
+                self.comb_stride,
+                K=self.topk,
+                K_PAD=self.k_pad,
+                CB=self.cb,
+                BLOCK_H=self.block_h_send,
+                OUT_DTYPE=out_tl,
+                MAX_SPIN=self.max_spin,
+                num_warps=self.num_warps,
+            )
+            self._after_launch()
+        if do_recv:
+            if out_tokens.stride(-1) != 1:
+                raise ValueError("out_tokens must have unit stride along H")
+            _combine_recv_kernel[(self.nb,)](
+                out_tokens,
+                out_tokens.stride(0),
+                self.send_pos,
+                self._bound(bound_m),
+                out_tokens.shape[0],
+                ptrs,
+                self.state,
+                self.rank,
+                lay.comb_ack,
+                lay.comb_flag,
+                lay.comb_rows,
+                self.max_num_tokens,
+                self.hidden_dim,
+                self.comb_stride,
+                R=R,
+                R_PAD=self.r_pad,
+                CC=self.cc,
+                TB=self.tb,
+                NB=self.nb,
+                BLOCK_H=self.block_h_recv,
+                ACCUMULATE=bool(accumulate),
+                OUT_DTYPE=out_tl,
+                MAX_SPIN=self.max_spin,
+                num_warps=self.num_warps,
+            )
+            self._after_launch()
+
+    def destroy(self) -> None:
+        """Release the buffers after every rank is done (a group barrier; syncs on CUDA)."""
+        if self.buffers is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dist.barrier(self.group)
+        self.buffers.close()
+        self.buffers = None  # type: ignore[assignment]
