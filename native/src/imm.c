@@ -11,6 +11,15 @@
 
 #include "internal.h"
 
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+	__builtin_ia32_pause();
+#elif defined(__aarch64__)
+	__asm__ __volatile__("yield");
+#endif
+}
+
 static uint64_t rng_next(struct pplx_engine *e)
 {
 	/* xorshift64*: seeded, reproducible reordering. */
@@ -101,7 +110,7 @@ int engine_wait_cond(struct pplx_engine *e, bool (*cond)(void *), void *arg, int
 			rc = PPLX_ERR_CLOSED;
 			goto out;
 		}
-		__builtin_ia32_pause();
+		cpu_relax();
 		now = pplx_now_ns();
 	}
 	pthread_mutex_lock(&e->lock);
