@@ -24,6 +24,7 @@
  * (port 0 = the kernel picks), and {"event":"done"} at the end. Errors go to
  * stderr with a non-zero exit; every wait has a deadline (--timeout-s).
  *
+ * --yield: sched_yield() whenever the CQ is empty, instead of spinning on.
  * --node N / --domain D pick the NIC as the engine does (fi_getinfo's node
  * with FI_SOURCE; e.g. --node 127.0.0.1 puts tcp on the loopback).
  *
@@ -37,6 +38,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -73,6 +75,7 @@ struct opts {
 	size_t bytes_per_rep;
 	uint64_t seed;
 	double timeout_s;
+	int yield;
 };
 
 struct ctx {
@@ -97,6 +100,7 @@ struct ctx {
 	 * barrier (it progresses the CQ), so never snapshot rx_imm at the start of a step. */
 	uint64_t rx_expected;
 	int sock;
+	int yield;
 	double timeout_s;
 };
 
@@ -136,8 +140,13 @@ static int poll_cq(struct ctx *c)
 {
 	struct fi_cq_data_entry e[CQ_BATCH];
 	ssize_t n = fi_cq_read(c->cq, e, CQ_BATCH);
-	if (n == -FI_EAGAIN)
+	if (n == -FI_EAGAIN) {
+		/* Nothing yet. --yield: hand the core over (a machine with more busy threads
+		 * than cores otherwise loses whole scheduler slices, 4 ms each here). */
+		if (c->yield)
+			sched_yield();
 		return 0;
+	}
 	if (n == -FI_EAVAIL) {
 		struct fi_cq_err_entry err;
 		memset(&err, 0, sizeof(err));
@@ -606,7 +615,7 @@ static void usage(void)
 		"  [--node 127.0.0.1]\n"
 		"  [--port P] [--tests lat,bw,paged] [--lat-iters N] [--warmup N] [--reps N]\n"
 		"  [--window W] [--sizes 4K,1M,...] [--bytes-per-rep B] [--page-sizes 1K,...]\n"
-		"  [--num-pages N] [--seed S] [--timeout-s T]\n");
+		"  [--num-pages N] [--seed S] [--timeout-s T] [--yield]\n");
 }
 
 static int parse_args(int argc, char **argv, struct opts *o)
@@ -617,7 +626,7 @@ static int parse_args(int argc, char **argv, struct opts *o)
 		{"warmup", 1, 0, 'w'},	   {"reps", 1, 0, 'n'},		 {"window", 1, 0, 'W'},
 		{"sizes", 1, 0, 's'},	   {"bytes-per-rep", 1, 0, 'b'}, {"page-sizes", 1, 0, 'g'},
 		{"num-pages", 1, 0, 'N'},  {"seed", 1, 0, 'S'},		 {"timeout-s", 1, 0, 'T'},
-		{"node", 1, 0, 'o'},	   {"help", 0, 0, 'h'},		 {0, 0, 0, 0}};
+		{"yield", 0, 0, 'y'},	   {"node", 1, 0, 'o'},	   {"help", 0, 0, 'h'},		 {0, 0, 0, 0}};
 	int role = -1, opt;
 	memset(o, 0, sizeof(*o));
 	o->provider = "shm";
@@ -640,6 +649,7 @@ static int parse_args(int argc, char **argv, struct opts *o)
 		case 'p': o->provider = optarg; break;
 		case 'd': o->domain = optarg; break;
 		case 'o': o->node = optarg; break;
+		case 'y': o->yield = 1; break;
 		case 'P': o->port = atoi(optarg); break;
 		case 't':
 			o->do_lat = strstr(optarg, "lat") != NULL;
@@ -689,6 +699,7 @@ int main(int argc, char **argv)
 	memset(&c, 0, sizeof(c));
 	c.sock = -1;
 	c.timeout_s = o.timeout_s;
+	c.yield = o.yield;
 	/* Large enough for every bw message (window slots, at least one), and every page set. */
 	c.buf_size = 4096;
 	for (int i = 0; o.do_bw && i < o.num_bw_sizes; i++)

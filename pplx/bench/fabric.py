@@ -85,6 +85,8 @@ class FabricBenchConfig:
     # per idle round (None: the engine's defaults; spin_us=0 spins forever).
     spin_us: int | None = None
     sleep_us: int | None = None
+    # raw_bench: sched_yield() on an empty CQ instead of spinning (busy machines).
+    raw_yield: bool = False
 
     def __post_init__(self) -> None:
         if self.provider not in ("shm", "tcp"):
@@ -231,6 +233,20 @@ def build_raw(out_path: str = RAW_BIN, force: bool = False) -> str:
     return out_path
 
 
+def merge_rounds(acc: list[Measurement], new: list[Measurement]) -> list[Measurement]:
+    """Pool the samples of a further round into `acc`, case by case (order of `new`)."""
+    if not acc:
+        return list(new)
+    by = {m.key: m for m in acc}
+    out = []
+    for m in new:
+        old = by.get(m.key)
+        if old is None or old.ops != m.ops:
+            raise ValueError(f"merge_rounds: case {m.key} does not match the earlier round")
+        out.append(dataclasses.replace(old, samples_us=old.samples_us + m.samples_us))
+    return out
+
+
 def raw_args(cfg: FabricBenchConfig) -> list[str]:
     args = [
         f"--provider={cfg.libfabric_provider}",
@@ -248,6 +264,8 @@ def raw_args(cfg: FabricBenchConfig) -> list[str]:
     ]
     if cfg.node:
         args.append(f"--node={cfg.node}")
+    if cfg.raw_yield:
+        args.append("--yield")
     return args
 
 
@@ -417,6 +435,7 @@ def _pplx_body(rank: int, port: int, cfg: FabricBenchConfig, q) -> None:
     import torch.distributed as dist
 
     from pplx.fabric import TransferEngine
+    from pplx.fabric.bootstrap import exchange_descriptors
 
     dist.init_process_group(
         "gloo",
@@ -433,9 +452,7 @@ def _pplx_body(rank: int, port: int, cfg: FabricBenchConfig, q) -> None:
     knobs = {k: getattr(cfg, k) for k in ("spin_us", "sleep_us") if getattr(cfg, k) is not None}
     with TransferEngine(provider=cfg.provider, node=cfg.node, **knobs) as eng:
         mr, desc = eng.register_tensor(buf)
-        descs: list = [None, None]
-        dist.all_gather_object(descs, desc.to_bytes())
-        peer_desc = type(desc).from_bytes(descs[peer])
+        peer_desc = exchange_descriptors(desc)[peer]
         lat_ctr, data_ctr, ack_ctr = (eng.imm_counter(i) for i in (IMM_LAT, IMM_DATA, IMM_ACK))
         expected = {IMM_LAT: 0, IMM_DATA: 0, IMM_ACK: 0}
 
@@ -736,6 +753,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-s", type=float, help="limit for any single wait")
     p.add_argument("--spin-us", type=int, help="engine progress thread spin (0: forever)")
     p.add_argument("--sleep-us", type=int, help="engine progress thread idle nap")
+    p.add_argument("--raw-yield", action="store_true", help="raw_bench --yield")
+    p.add_argument("--rounds", type=int, default=1, help="rounds of raw then pplx; samples pooled")
     p.add_argument("--quick", action="store_true", help="small sizes, few iterations (tests)")
     p.add_argument("--csv", help="CSV to append (default experiments/results/fabric/...)")
     p.add_argument("--png", help="PNG to write (default experiments/results/fabric/...)")
@@ -763,6 +782,7 @@ def config_from_args(a: argparse.Namespace) -> FabricBenchConfig:
         ("timeout_s", a.timeout_s),
         ("spin_us", a.spin_us),
         ("sleep_us", a.sleep_us),
+        ("raw_yield", a.raw_yield or None),
     ):
         if val is not None:
             kw[field] = val
@@ -773,6 +793,8 @@ def config_from_args(a: argparse.Namespace) -> FabricBenchConfig:
 
 def main(argv: list[str] | None = None) -> int:
     a = make_parser().parse_args(argv)
+    if a.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {a.rounds}")
     cfg = config_from_args(a)
     csv_path = None if a.no_csv else a.csv or os.path.join(RESULTS_DIR, f"fabric_{a.provider}.csv")
     png_path = None if a.no_png else a.png or os.path.join(RESULTS_DIR, f"fabric_{a.provider}.png")
@@ -781,7 +803,7 @@ def main(argv: list[str] | None = None) -> int:
 
     binary = build_raw()
     bar = tqdm(
-        total=2 * cfg.num_results(),
+        total=2 * a.rounds * cfg.num_results(),
         desc=f"fabric {cfg.provider}",
         unit="case",
         disable=a.no_progress,
@@ -796,9 +818,14 @@ def main(argv: list[str] | None = None) -> int:
         return f
 
     t0 = time.monotonic()
-    raw = run_raw(cfg, binary, on_result=tick("raw"))
-    pplx = run_pplx(cfg, on_result=tick("pplx"))
+    load0 = os.getloadavg()[0]
+    raw: list[Measurement] = []
+    pplx: list[Measurement] = []
+    for _ in range(a.rounds):
+        raw = merge_rounds(raw, run_raw(cfg, binary, on_result=tick("raw")))
+        pplx = merge_rounds(pplx, run_pplx(cfg, on_result=tick("pplx")))
     bar.close()
+    load = max(load0, os.getloadavg()[0])
     rows = to_rows(cfg, raw, pplx)
     columns = (
         "case",
@@ -816,8 +843,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# plot written to {png_path}")
     checks = check_targets(raw, pplx)
     print(
-        f"# targets (issue 2, stated for shm; provider here: {cfg.provider}), "
-        f"run took {time.monotonic() - t0:.0f} s"
+        f"# targets (issue 2, stated for shm; provider here: {cfg.provider}); {a.rounds} "
+        f"round(s) of raw then pplx, {time.monotonic() - t0:.0f} s; load average {load:.1f} "
+        f"on {os.cpu_count()} CPUs"
     )
     for c in checks:
         print(c.line())

@@ -104,3 +104,16 @@ def test_targets_and_ratio_direction():
     assert math.isclose(bw[0].p50_us, 100.0) and math.isclose(bw[1].p50_us, 200.0)  # per write
     assert math.isclose(bw[0].gbps_fabric, (1 << 20) / 100.0 / 1e3)
     assert math.isclose(bw[1].ratio, 0.5)
+
+
+def test_merge_rounds_pools_samples_per_case():
+    a = [fabric.Measurement("lat", 8, 1, [1.0, 2.0]), fabric.Measurement("bw", 4096, 4, [9.0])]
+    b = [fabric.Measurement("lat", 8, 1, [3.0]), fabric.Measurement("bw", 4096, 4, [7.0, 8.0])]
+    merged = fabric.merge_rounds(fabric.merge_rounds([], a), b)
+    assert [(m.key, m.samples_us) for m in merged] == [
+        (("lat", 8), [1.0, 2.0, 3.0]),
+        (("bw", 4096), [9.0, 7.0, 8.0]),
+    ]
+    assert a[0].samples_us == [1.0, 2.0]  # inputs untouched
+    with pytest.raises(ValueError, match="does not match"):
+        fabric.merge_rounds(a, [fabric.Measurement("bw", 4096, 8, [1.0])])
