@@ -131,10 +131,10 @@ def _combine_recv_kernel(
         ho = h0 + tl.arange(0, BLOCK_H)
         h_ok = ho < H
         acc = tl.zeros([TB, BLOCK_H], dtype=tl.float32)
-        for r in tl.static_range(R):
-            p_r = tl.sum(tl.where(rr[None, :] == r, pos, 0), axis=1)  # [TB]
+        for d in tl.static_range(R):
+            p_r = tl.sum(tl.where(rr[None, :] == d, pos, 0), axis=1)  # [TB]
             v = tl.load(
-                area + (r * T_MAX + p_r)[:, None] * COMB_STRIDE + ho[None, :],
+                area + (d * T_MAX + p_r)[:, None] * COMB_STRIDE + ho[None, :],
                 mask=(p_r >= 0)[:, None] & h_ok[None, :],
                 other=0.0,
                 cache_modifier=".cg",
@@ -146,7 +146,7 @@ def _combine_recv_kernel(
             acc = tl.load(o_ptr, mask=ok, other=0.0).to(tl.float32) + acc
         tl.store(o_ptr, acc.to(OUT_DTYPE), mask=ok)
     if last_program_done(state_ptr + 3, NB):
-        for r in range(R):
-            ack = peer_ptr(table_ptr, r, off_comb_ack, tl.int32) + rank
+        for peer in range(R):
+            ack = peer_ptr(table_ptr, peer, off_comb_ack, tl.int32) + rank
             tl.atomic_xchg(ack, epoch + 1, sem="release", scope="sys")
         tl.store(state_ptr + 1, epoch + 1)

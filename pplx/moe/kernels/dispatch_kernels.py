@@ -313,7 +313,7 @@ def _dispatch_recv_kernel(
 
     # The last program to finish has seen every program's reads: ack all sources, next epoch.
     if last_program_done(state_ptr + 2, R * RC):
-        for r in range(R):
-            ack = peer_ptr(table_ptr, r, off_disp_ack, tl.int32) + rank
+        for peer in range(R):
+            ack = peer_ptr(table_ptr, peer, off_disp_ack, tl.int32) + rank
             tl.atomic_xchg(ack, epoch + 1, sem="release", scope="sys")
         tl.store(state_ptr, epoch + 1)

@@ -133,6 +133,42 @@ class TritonAllToAll:
                 "TritonAllToAll on CPU needs Triton's interpreter: set TRITON_INTERPRET=1 "
                 "before pplx.moe.kernels is imported (in each rank's process)"
             )
+        self._configure(
+            world_size=self.world_size,
+            max_num_tokens=max_num_tokens,
+            num_experts=num_experts,
+            expert_padding=expert_padding,
+            hidden_dim=hidden_dim,
+            hidden_dim_scale=hidden_dim_scale,
+            in_dtype=in_dtype,
+            out_dtype=out_dtype,
+            num_experts_per_token=num_experts_per_token,
+            timeout_s=timeout_s,
+            block_tokens=block_tokens,
+        )
+        self.buffers = PeerBuffers(self.layout.nbytes, group, self.device)
+        self._alloc_private(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dist.barrier(group)
+
+    def _configure(
+        self,
+        *,
+        world_size: int,
+        max_num_tokens: int,
+        num_experts: int,
+        expert_padding: int,
+        hidden_dim: int,
+        hidden_dim_scale: int,
+        in_dtype: torch.dtype,
+        out_dtype: torch.dtype,
+        num_experts_per_token: int,
+        timeout_s: float,
+        block_tokens: int | None,
+    ) -> None:
+        """Sizes, buffer layout and tiles (no allocation; self.device must be set)."""
+        self.world_size = world_size
         if num_experts % self.world_size:
             raise ValueError(
                 f"num_experts ({num_experts}) must be divisible by the world size "
@@ -151,10 +187,10 @@ class TritonAllToAll:
         self.topk = int(num_experts_per_token)
         self.num_local_experts = self.num_experts // self.world_size
         self.timeout_s = float(timeout_s)
-        if self.device.type == "cuda":
-            self.max_spin = _SPIN_CUDA
-        else:
+        if self.device.type == "cpu" and interpreter_active():
             self.max_spin = max(_PROBE_POLLS, int(self.timeout_s * _cpu_polls_per_s()))
+        else:
+            self.max_spin = _SPIN_CUDA
 
         R, T, K = self.world_size, self.max_num_tokens, self.topk
         in_bytes = in_dtype.itemsize
@@ -212,8 +248,9 @@ class TritonAllToAll:
         self.block_h_recv = _clamp(4096 // self.tb, 32, hpad)
         self.num_warps = 4
 
-        dev = self.device
-        self.buffers = PeerBuffers(self.layout.nbytes, group, dev)
+    def _alloc_private(self, dev: torch.device) -> None:
+        """This rank's private device state (never touched by peers)."""
+        R, T, K = self.world_size, self.max_num_tokens, self.topk
         i32 = dict(dtype=torch.int32, device=dev)
         # [0] dispatch epoch, [1] combine epoch, [2]/[3] done counters, [4] error flag.
         self.state = torch.zeros(8, **i32)
@@ -225,9 +262,6 @@ class TritonAllToAll:
         self.comb_ntok = torch.zeros(R, **i32)
         self.full_m = torch.full((1,), T, **i32)
         self._dummy_scale = torch.zeros(1, 1, **i32)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        dist.barrier(group)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -259,6 +293,9 @@ class TritonAllToAll:
             if t.element_size() == 1
             else (t.view(self.word_torch))
         )
+
+    def _launch(self, kernel, grid: tuple, *args, **kwargs) -> None:
+        kernel[grid](*args, **kwargs)
 
     def check(self) -> None:
         """Raise TimeoutError if a wait gave up (reads a device flag: a host sync on CUDA)."""
@@ -307,7 +344,9 @@ class TritonAllToAll:
         if do_send:
             idx = indices if indices.stride(-1) == 1 else indices.contiguous()
             w = weights if weights.stride(-1) == 1 else weights.contiguous()
-            _dispatch_count_kernel[(self.nc, R)](
+            self._launch(
+                _dispatch_count_kernel,
+                (self.nc, R),
                 idx,
                 idx.stride(0),
                 bm,
@@ -327,7 +366,9 @@ class TritonAllToAll:
                 stride_st = xs.stride(0)
             else:
                 xs, stride_st = self._dummy_scale, 0
-            _dispatch_send_kernel[(self.nc, R)](
+            self._launch(
+                _dispatch_send_kernel,
+                (self.nc, R),
                 x,
                 x.stride(0),
                 xs,
@@ -371,7 +412,9 @@ class TritonAllToAll:
                 stride_sr = exs.stride(0)
             else:
                 exs, stride_sr = self._dummy_scale, 0
-            _dispatch_recv_kernel[(R, self.rc)](
+            self._launch(
+                _dispatch_recv_kernel,
+                (R, self.rc),
                 out_expert_num_tokens,
                 ex,
                 ex.stride(0),
@@ -438,7 +481,9 @@ class TritonAllToAll:
         out_tl = _TL_DTYPE[self.out_dtype]
         if do_send:
             y = expert_y if expert_y.stride(-1) == 1 else expert_y.contiguous()
-            _combine_send_kernel[(R, self.cc)](
+            self._launch(
+                _combine_send_kernel,
+                (R, self.cc),
                 y,
                 y.stride(0),
                 self.comb_row,
@@ -465,7 +510,9 @@ class TritonAllToAll:
         if do_recv:
             if out_tokens.stride(-1) != 1:
                 raise ValueError("out_tokens must have unit stride along H")
-            _combine_recv_kernel[(self.nb,)](
+            self._launch(
+                _combine_recv_kernel,
+                (self.nb,),
                 out_tokens,
                 out_tokens.stride(0),
                 self.send_pos,
