@@ -54,8 +54,9 @@ def pyplot():
     return plt
 
 
-def save(fig, path: str) -> str:
-    fig.tight_layout()
+def save(fig, path: str, footer: float = 0.0) -> str:
+    """Lay out (leaving `footer` of the height free for fig.text notes) and write a PNG."""
+    fig.tight_layout(rect=(0, footer, 1, 1))
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
     return path

@@ -119,8 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fontsize=7,
         color="dimgray",
     )
-    fig.subplots_adjust(bottom=0.15)
-    save(fig, f"{d}/host_proxy.png")
+    save(fig, f"{d}/host_proxy.png", footer=0.05)
     print(f"wrote {d}/host_proxy.csv, host_proxy.png")
     return 0
 

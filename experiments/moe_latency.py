@@ -125,5 +125,4 @@ def plot(rows: Sequence[dict], title: str, path: str, note: str = "") -> str:
     axes[1].legend(fontsize=7, loc="upper left")
     if note:
         fig.text(0.01, 0.005, note, fontsize=7, color="dimgray")
-    fig.subplots_adjust(bottom=0.2)
-    return save(fig, path)
+    return save(fig, path, footer=0.05)
