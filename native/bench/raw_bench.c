@@ -15,6 +15,8 @@
  *   paged  per page size: a rep is `num_pages` page writes, one fi_writedata
  *          per page (each with an immediate), from random source pages to
  *          random destination pages (a permutation, seeded), acked as in bw.
+ *          All pages are posted at once (no window; -FI_EAGAIN: progress, retry),
+ *          as pplx_write_paged does.
  *
  * The client prints one JSON object per line on stdout, e.g.
  *   {"kind":"lat","bytes":8,"samples_us":[...]}
@@ -472,7 +474,7 @@ static int writes_per_rep(const struct opts *o, size_t size)
  * dst_off[k], len), at most `window` in flight, then wait for the ack.
  * Server: wait for n immediates, then ack. Returns the client's time in us.
  */
-static int run_rep(struct ctx *c, const struct opts *o, int n, size_t len,
+static int run_rep(struct ctx *c, const struct opts *o, int n, int window, size_t len,
 		   const size_t *src_off, const size_t *dst_off, double *out_us)
 {
 	if (o->server) {
@@ -484,7 +486,7 @@ static int run_rep(struct ctx *c, const struct opts *o, int n, size_t len,
 	}
 	double t0 = now_us();
 	for (int k = 0; k < n; k++) {
-		CHECK(wait_tx(c, (uint64_t)o->window - 1));
+		CHECK(wait_tx(c, (uint64_t)window - 1));
 		CHECK(post_write(c, len, src_off[k], dst_off[k], (uint64_t)k));
 	}
 	CHECK(wait_rx(c, ++c->rx_expected));
@@ -508,7 +510,7 @@ static int run_bw(struct ctx *c, const struct opts *o)
 			off[k] = ((size_t)k % slots) * size;
 		for (int r = -o->warmup / 10 - 1; r < o->reps; r++) {
 			double t = 0;
-			CHECK(run_rep(c, o, n, size, off, off, &t));
+			CHECK(run_rep(c, o, n, o->window, size, off, off, &t));
 			if (r >= 0)
 				s[r] = t;
 		}
@@ -565,13 +567,13 @@ static int run_paged(struct ctx *c, const struct opts *o)
 		}
 		for (int r = -o->warmup / 10 - 1; r < o->reps; r++) {
 			double t = 0;
-			CHECK(run_rep(c, o, n, page, src, dst, &t));
+			CHECK(run_rep(c, o, n, n, page, src, dst, &t));
 			if (r >= 0)
 				s[r] = t;
 		}
 		if (!o->server) {
 			printf("{\"kind\":\"paged\",\"page_bytes\":%zu,\"num_pages\":%d,\"window\":%d,",
-			       page, n, o->window);
+			       page, n, n);
 			print_samples("rep_us", s, o->reps);
 			printf("}\n");
 			fflush(stdout);

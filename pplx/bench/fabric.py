@@ -16,7 +16,8 @@ Measurements (the pattern is the same in both):
   an immediate each, at most `window` in flight; the receiver counts n immediates and acks
   with an 8-byte write+imm; a sample is the sender's time for one rep.
 - `paged`: per page size, a rep is `num_pages` page writes (random source pages to random
-  destination pages, a permutation), one immediate per page, acked as in `bw`.
+  destination pages, a permutation), one immediate per page, acked as in `bw`; pplx posts
+  them with one `submit_paged_writes`, raw posts them all without a window.
 
 Rows go through `pplx.bench.common.emit` (CSV default
 `experiments/results/fabric/fabric_<provider>.csv`); `ratio` is raw_p50 / pplx_p50 (> 1:
@@ -197,6 +198,20 @@ def fmt_size(n: int) -> str:
         if n >= 1 << shift and n % (1 << shift) == 0:
             return f"{n >> shift}{unit}"
     return f"{n}B"
+
+
+def cpu_model() -> str:
+    """`lscpu`'s model name (from /proc/cpuinfo), or the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 def free_port() -> int:
@@ -542,7 +557,9 @@ def _pplx_body(rank: int, port: int, cfg: FabricBenchConfig, q) -> None:
                     dst_offs = [i * page for i in dst_idx]
                     _check_arrived(buf, peer_orig, src_offs, dst_offs, page, f"paged {page}")
                 if rank == 0:
-                    m = Measurement("paged", page, cfg.num_pages, times[cfg.warmup_reps :])
+                    m = Measurement(
+                        "paged", page, cfg.num_pages, times[cfg.warmup_reps :], cfg.num_pages
+                    )
                     q.put(("result", rank, m))
                 dist.barrier()
         eng.unregister_memory(mr)
@@ -700,6 +717,9 @@ def plot(
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=impl)
         ax.set_xscale("log", base=2)
+        ticks = sorted({m.bytes for m in (*raw, *pplx) if m.kind == kind})
+        ax.set_xticks(ticks, [fmt_size(t) for t in ticks], rotation=30)
+        ax.minorticks_off()
         ax.set_xlabel("message size (bytes)" if kind == "bw" else "page size (bytes)")
         ax.set_ylabel("GB/s (1e9 B/s)")
         ax.set_title(
@@ -839,13 +859,15 @@ def main(argv: list[str] | None = None) -> int:
         "ratio",
     )
     if png_path:
-        plot(cfg, raw, pplx, png_path, title=f"{rows[0].fill_context().device}  {rows[0].commit}")
+        r0 = rows[0].fill_context()
+        title = f"{cpu_model()} ({r0.device})  commit {r0.commit}  {r0.time_utc}"
+        plot(cfg, raw, pplx, png_path, title=title)
         print(f"# plot written to {png_path}")
     checks = check_targets(raw, pplx)
     print(
         f"# targets (issue 2, stated for shm; provider here: {cfg.provider}); {a.rounds} "
         f"round(s) of raw then pplx, {time.monotonic() - t0:.0f} s; load average {load:.1f} "
-        f"on {os.cpu_count()} CPUs"
+        f"on {os.cpu_count()} CPUs ({cpu_model()})"
     )
     for c in checks:
         print(c.line())
