@@ -233,30 +233,54 @@ static void progress_cq(struct pplx_engine *e, struct fid_cq *cq, bool *did)
 	}
 }
 
+/* One pass over every CQ, the pending queue and the held immediates; lock
+ * held. Run by the progress thread, and by waiters while they spin. */
+bool engine_progress_locked(struct pplx_engine *e)
+{
+	bool did = false;
+
+	for (int d = 0; d < e->n; d++)
+		progress_cq(e, e->dom[d].cq, &did);
+	if (e->pending.head)
+		ops_retry_pending(e, &did);
+	if (e->num_held)
+		imm_release_held(e, false, &did);
+	if (did && atomic_load(&e->waiters))
+		pthread_cond_broadcast(&e->cv);
+	return did;
+}
+
 static void *progress_main(void *arg)
 {
 	struct pplx_engine *e = arg;
 	uint64_t last_event = pplx_now_ns();
 	const uint64_t spin_ns = (uint64_t)e->cfg.spin_us * 1000;
-	const struct timespec nap = {0, (long)e->cfg.sleep_us * 1000};
+	const struct timespec nap = {0, (long)(e->cfg.sleep_us ? e->cfg.sleep_us : 1) * 1000};
 
 	/* Timer slack: a 20 us nap should not become the default 50 us. */
 	prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
 	while (!atomic_load(&e->stop)) {
-		bool did = false;
+		bool did;
 		uint64_t now;
 
-		if (atomic_load(&e->want_lock))
-			sched_yield();
+		/* A spinning waiter drives progress itself (engine_wait_cond):
+		 * step aside rather than fight it for the lock and the core. */
+		if (atomic_load(&e->spinners)) {
+			nanosleep(&nap, NULL);
+			continue;
+		}
+		/* A submitter wants the lock: let it in first. It clears
+		 * want_lock once it holds the lock, so waiting for 0 hands the
+		 * lock over instead of re-taking it before the submitter wakes
+		 * (which starved submitters for milliseconds on a busy box). */
+		if (atomic_load(&e->want_lock)) {
+			uint64_t t0 = pplx_now_ns();
+
+			while (atomic_load(&e->want_lock) && pplx_now_ns() - t0 < 200000)
+				sched_yield();
+		}
 		pthread_mutex_lock(&e->lock);
-		for (int d = 0; d < e->n; d++)
-			progress_cq(e, e->dom[d].cq, &did);
-		if (e->pending.head)
-			ops_retry_pending(e, &did);
-		if (e->num_held)
-			imm_release_held(e, false, &did);
-		if (did && atomic_load(&e->waiters))
-			pthread_cond_broadcast(&e->cv);
+		did = engine_progress_locked(e);
 		pthread_mutex_unlock(&e->lock);
 
 		now = pplx_now_ns();

@@ -100,18 +100,33 @@ int engine_wait_cond(struct pplx_engine *e, bool (*cond)(void *), void *arg, int
 
 	atomic_fetch_add(&e->waiters, 1);
 	/* Spin first: a completion usually lands within microseconds, and a
-	 * condition-variable wake-up costs more than that. */
-	while (now - start < spin_ns && now < deadline) {
-		if (cond(arg)) {
-			rc = 0;
-			goto out;
+	 * condition-variable wake-up costs more than that. While spinning, this
+	 * thread drives progress itself (the progress thread steps aside), so a
+	 * ping-pong needs one busy thread per process, not two: on a box with
+	 * fewer cores than spinning threads, the scheduler otherwise makes every
+	 * round trip wait for a time slice (milliseconds). */
+	if (spin_ns) {
+		atomic_fetch_add(&e->spinners, 1);
+		while (now - start < spin_ns && now < deadline) {
+			if (cond(arg)) {
+				rc = 0;
+				atomic_fetch_sub(&e->spinners, 1);
+				goto out;
+			}
+			if (atomic_load(&e->closed)) {
+				rc = PPLX_ERR_CLOSED;
+				atomic_fetch_sub(&e->spinners, 1);
+				goto out;
+			}
+			if (!atomic_load(&e->want_lock) && !pthread_mutex_trylock(&e->lock)) {
+				engine_progress_locked(e);
+				pthread_mutex_unlock(&e->lock);
+			} else {
+				cpu_relax();
+			}
+			now = pplx_now_ns();
 		}
-		if (atomic_load(&e->closed)) {
-			rc = PPLX_ERR_CLOSED;
-			goto out;
-		}
-		cpu_relax();
-		now = pplx_now_ns();
+		atomic_fetch_sub(&e->spinners, 1);
 	}
 	pthread_mutex_lock(&e->lock);
 	for (;;) {

@@ -121,6 +121,7 @@ struct pplx_engine {
 	pthread_mutex_t lock;
 	pthread_cond_t cv; /* broadcast on every completion while waiters > 0 */
 	_Atomic int waiters;
+	_Atomic int spinners; /* waiters in their spin phase, driving progress */
 	_Atomic int want_lock;
 	_Atomic int stop;
 	_Atomic int closed;
@@ -179,6 +180,9 @@ int mr_reg_locked(struct pplx_engine *e, void *ptr, uint64_t len, int device, in
 		  struct pplx_mr **out);
 void mr_put(struct pplx_mr *mr);
 void mr_close_fids(struct pplx_mr *mr);
+
+/* engine.c */
+bool engine_progress_locked(struct pplx_engine *e);
 
 /* imm.c */
 void imm_arrived(struct pplx_engine *e, uint32_t imm);
