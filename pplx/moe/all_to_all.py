@@ -84,8 +84,13 @@ class AllToAll:
         device: where the tensors live (default: the current CUDA device for an NCCL group,
             else the CPU).
         backend: "torch" or "triton" (default: "triton" on CUDA, "torch" on the CPU).
-        max_private_tokens: reserved for the inter-node path (per-rank private buffer rows).
-        ranks_per_node: ranks that share memory; must be None or the world size for now.
+        max_private_tokens: inter-node path: rows per (source, destination) pair written
+            before the counts are known (default: twice the balanced share).
+        ranks_per_node: ranks that share memory (a node); None or the world size: one node.
+            Fewer: `pplx.moe.internode.InterNodeAllToAll` (TransferEngine between nodes,
+            the node's process group inside, the torch intra-node path).
+        internode: `pplx.moe.internode.InterNodeOptions` (provider, nets_per_gpu, timeouts,
+            host proxy) for the inter-node path; None for the defaults.
 
     Warning: dispatch and combine are collectives: every rank of the group calls them in
     the same order with the same `do_send` / `do_recv` flags. With the torch backend they
@@ -113,6 +118,7 @@ class AllToAll:
         backend: str | None = None,
         max_private_tokens: int | None = None,
         ranks_per_node: int | None = None,
+        internode: Any = None,
     ) -> None:
         self.max_num_tokens = _positive_int("max_num_tokens", max_num_tokens)
         self.num_experts = _positive_int("num_experts", num_experts)
@@ -146,10 +152,10 @@ class AllToAll:
         self.max_private_tokens = max_private_tokens
         if ranks_per_node is not None:
             _positive_int("ranks_per_node", ranks_per_node)
-            if ranks_per_node != self.world_size:
-                raise NotImplementedError(
-                    f"ranks_per_node={ranks_per_node} with world size {self.world_size}: the "
-                    "inter-node path is not built yet; pass None or the world size"
+            if self.world_size % ranks_per_node:
+                raise ValueError(
+                    f"ranks_per_node ({ranks_per_node}) must divide the world size "
+                    f"({self.world_size})"
                 )
         self.ranks_per_node = ranks_per_node
 
@@ -160,8 +166,10 @@ class AllToAll:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
 
+        inter = ranks_per_node is not None and ranks_per_node < self.world_size
         if backend is None:
-            backend = "triton" if self.device.type == "cuda" else "torch"
+            # The inter-node path runs its intra-node part with the torch backend.
+            backend = "triton" if self.device.type == "cuda" and not inter else "torch"
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
@@ -183,7 +191,32 @@ class AllToAll:
         self._pending_combine: R.PendingCombine | None = None
         self._impl: Any = None
         self._destroyed = False
-        if backend == "triton":
+        if inter:
+            from pplx.moe.internode import InterNodeAllToAll
+
+            if backend != "torch":
+                raise NotImplementedError(
+                    f"backend {backend!r} with ranks_per_node={ranks_per_node} < world size "
+                    f"{self.world_size}: the inter-node path runs its intra-node part with the "
+                    "torch backend; pass backend='torch'"
+                )
+            self._impl = InterNodeAllToAll(
+                max_num_tokens=max_num_tokens,
+                num_experts=num_experts,
+                expert_padding=expert_padding,
+                hidden_dim=hidden_dim,
+                hidden_dim_scale=self.hidden_dim_scale,
+                in_dtype=in_dtype,
+                out_dtype=out_dtype,
+                scale_dtype=self.scale_dtype,
+                num_experts_per_token=num_experts_per_token,
+                group=group,
+                device=self.device,
+                ranks_per_node=ranks_per_node,
+                max_private_tokens=max_private_tokens,
+                options=internode,
+            )
+        elif backend == "triton":
             from pplx.moe.kernels import TritonAllToAll  # lazy: keeps Triton out of imports
 
             self._impl = TritonAllToAll(

@@ -1,0 +1,773 @@
+"""Dispatch and combine across nodes: the inter-node protocol over the TransferEngine.
+
+Shape legend: T tokens per rank (at most `max_num_tokens`), K experts per token, E experts,
+R ranks, P ranks per node, E_local = E / R, H hidden, S fp8 scales per token,
+Q = `max_private_tokens` rows of a private receive region, C = T * K slots per rank.
+
+Ranks are split into nodes of P consecutive ranks (`ranks_per_node`; on one machine the
+nodes are emulated). Inside a node, rows move over the node's process group (gloo on the
+CPU, NCCL on CUDA: the intra-node path of the torch backend). Between nodes everything goes
+through the TransferEngine, one-sided writes with 32-bit immediates, as pplx-garden does:
+
+- counts first: each rank writes its `[E]` counts to every remote rank (one scatter,
+  immediate COUNTS + src); a receiver knows the counts of source s once COUNTS + s arrived;
+- private rows: before any count is known, up to Q rows per destination go into that
+  destination's private region for this source (immediate DISP_PRIV + src);
+- overflow: rows beyond Q go, once every count is known, into the destination's shared
+  overflow region at an offset derived from the counts (sources in rank order);
+- receivers count immediates per source (`num_shards` arrivals per write: with
+  `nets_per_gpu` > 1 a large write is split over the domains, one immediate per shard), so
+  nothing depends on delivery order (EFA is unordered), then place the rows into
+  `expert_x` in contract order (source rank, token, slot);
+- combine mirrors it: every expert-output row goes back to its source rank's private
+  region (first Q rows per source) or its overflow region;
+- reuse: once a receiver has read a phase's buffers, its next call of that phase first
+  sends a credit immediate (DISP_FREE / COMB_FREE + src) to every remote rank, then waits
+  for every remote rank's credit before writing into its buffers again. Credits go out at
+  the start of the next call, not at the end of this one, so that no write is ever in
+  flight to a peer that has already finished (tcp fails such writes at close).
+
+Sequence of one dispatch, source s on node A, destination d on node B (time flows down)::
+
+    #   s (node A)                                    d (node B)
+    #   ----------                                    ----------
+    #   counts[E] = bincount(indices[:bound_m])
+    #   iteration > 0: credit DISP_FREE+s -> d; wait DISP_FREE+d <-- d's credit (its last
+    #                                                 placement is done: buffers free)
+    #   write counts -> d.counts[s]        -- COUNTS+s -------------->
+    #   write rows[:Q] -> d.private[s]     -- DISP_PRIV+s ----------->
+    #   node peers: all_to_all (node group)
+    #   ======== do_send returns; compute may overlap ========
+    #                                                 wait COUNTS+s' for every remote s'
+    #   wait COUNTS+d' for every remote d'            (d overflows to its remote dests too)
+    #   write rows[Q:] -> d.overflow[off(s, d)] -- DISP_OVF+s -------->
+    #      off(s, d) = sum over remote s' < s of max(0, n(s', d) - Q)
+    #                                                 wait DISP_PRIV+s (shards of 1 write)
+    #                                                 wait DISP_OVF+s  (if n(s, d) > Q)
+    #                                                 place rows: expert_x[row] = record
+    #                                                 (credit DISP_FREE+d to every remote
+    #                                                 s at the start of d's next dispatch)
+    #
+    # combine: d writes expert_y rows of s's slots to s.comb_private[d] / s.comb_overflow
+    # (COMB+d, after COMB_FREE+s of the previous iteration); s waits for COMB+d, sums
+    # weights * rows in f32 in k order; COMB_FREE+s goes to every remote d at the start of
+    # s's next combine.
+
+A dispatch row travels as one record of H * itemsize bytes of x followed by S * 4 bytes of
+scales (fp8), so rows and their scales land with one write. GPU rows cross the fabric
+through pinned host memory when the libfabric build lacks FI_HMEM (every Debian/Ubuntu
+build here); with FI_HMEM the registered regions live in GPU memory; `fabric_path` says
+which.
+
+Warning: dispatch and combine are collectives over the whole group and the node groups;
+combine uses the routing of the dispatch before it. Counts are read on the host, so calls
+synchronise with the device and cannot be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pplx.fabric import FabricTimeout, FaultInjection, MrDescriptor, ScatterDst, TransferEngine
+from pplx.fabric.bootstrap import exchange_descriptors
+from pplx.moe import layout as L
+from pplx.moe import reference as R
+
+PROVIDER_ENV = "PPLX_MOE_PROVIDER"
+NUM_KINDS = 6
+COUNTS, DISP_PRIV, DISP_OVF, DISP_FREE, COMB, COMB_FREE = range(NUM_KINDS)
+KIND_NAMES = (
+    "counts",
+    "private rows",
+    "overflow rows",
+    "dispatch credit",
+    "combine rows",
+    "combine credit",
+)
+_ALIGN = 64  # bytes: every section of the registered regions starts on a cache line
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+@dataclasses.dataclass(frozen=True)
+class InterNodeOptions:
+    """Knobs of the inter-node path (`AllToAll(..., internode=InterNodeOptions(...))`).
+
+    Attributes:
+        provider: libfabric provider between nodes: "shm" or "tcp" on one machine, "efa" or
+            "verbs" on clusters; None reads `PPLX_MOE_PROVIDER` (default "shm").
+        nets_per_gpu: NICs (engine domains) per rank; writes of at least
+            `shard_threshold` bytes are split over them, one immediate per shard.
+        shard_threshold: bytes from which a write is sharded (None: the engine's 1 MiB).
+        max_overflow_tokens: rows of the shared overflow region (None: the worst case,
+            R_remote * (C - Q)); a smaller value is refused at construction.
+        timeout_s: every wait for a peer gives up after this long with an error naming it.
+        fault_injection: reorder and delay immediates (testing); None reads the env.
+        use_proxy: post writes through the C host proxy's ring instead of from Python.
+    """
+
+    provider: str | None = None
+    nets_per_gpu: int = 1
+    shard_threshold: int | None = None
+    max_overflow_tokens: int | None = None
+    timeout_s: float = 60.0
+    fault_injection: FaultInjection | None = None
+    use_proxy: bool = False
+
+
+@dataclasses.dataclass
+class PhaseTimes:
+    """Microseconds spent in the protocol's steps during the last dispatch and combine
+    (host wall clock; the benchmark's breakdown)."""
+
+    counts: float = 0.0  # pack counts + scatter + wait for every remote count
+    private: float = 0.0  # pack rows + post private writes
+    overflow: float = 0.0  # post overflow writes
+    intra: float = 0.0  # node group exchange
+    recv_wait: float = 0.0  # wait for rows (dispatch) to land
+    place: float = 0.0  # rows into expert_x
+    combine_send: float = 0.0
+    combine_wait: float = 0.0
+    combine_sum: float = 0.0
+
+
+@dataclasses.dataclass
+class _DispatchState:
+    counts: torch.Tensor  # [R, E] int64 on the host: slots source s routes to expert g
+    layout: L.GroupLayout
+    send_order: torch.Tensor  # [N] int64 flat slot indices sorted by (expert, t, k)
+    send_counts: list[int]  # [R] slots this rank sends to each rank
+    num_live: int
+    recv_done: bool = False
+
+
+def _us(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1e6
+
+
+class _EnginePoster:
+    """Posts writes straight from Python through the TransferEngine."""
+
+    name = "python"
+
+    def __init__(self, engine: TransferEngine, send_mr, descs: list[MrDescriptor]):
+        self.engine, self.send_mr, self.descs = engine, send_mr, descs
+        self.reqs: list[Any] = []
+
+    def write(self, dst: int, src_off: int, dst_off: int, nbytes: int, imm: int) -> None:
+        self.reqs.append(
+            self.engine.submit_write(
+                self.send_mr,
+                self.descs[dst],
+                nbytes,
+                src_offset=src_off,
+                dst_offset=dst_off,
+                imm=imm,
+            )
+        )
+
+    def scatter(self, dsts: list[int], src_off: int, dst_off: int, nbytes: int, imm: int) -> None:
+        sd = [ScatterDst(self.descs[d], nbytes, src_off, dst_off) for d in dsts]
+        self.reqs.append(self.engine.submit_scatter(self.send_mr, sd, imm=imm))
+
+    def imm(self, dst: int, imm: int) -> None:
+        self.reqs.append(self.engine.submit_imm(imm, self.descs[dst]))
+
+    def wait_all(self, timeout: float) -> None:
+        reqs, self.reqs = self.reqs, []
+        for r in reqs:
+            r.wait(timeout)
+
+    def close(self) -> None:
+        self.reqs = []
+
+
+class InterNodeAllToAll:
+    """Dispatch/combine over ranks split into nodes (`ranks_per_node`), TransferEngine
+    between nodes, the node's process group inside. Same methods and arguments as
+    `pplx.moe.AllToAll` (which constructs this when `ranks_per_node < world_size` and
+    validates every argument first).
+
+    Args (beyond AllToAll's):
+        ranks_per_node: P; must divide the world size R.
+        max_private_tokens: Q, rows per (source, destination) pair written before counts
+            are known (default: twice the balanced share C / R, at least 1, at most C).
+        options: `InterNodeOptions`.
+
+    Raises:
+        ValueError: at construction, for P not dividing R, Q < 1, or an overflow region
+            smaller than the worst case.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_num_tokens: int,
+        num_experts: int,
+        expert_padding: int,
+        hidden_dim: int,
+        hidden_dim_scale: int,
+        in_dtype: torch.dtype,
+        out_dtype: torch.dtype,
+        scale_dtype: torch.dtype | None,
+        num_experts_per_token: int,
+        group: dist.ProcessGroup | None,
+        device: torch.device,
+        ranks_per_node: int,
+        max_private_tokens: int | None = None,
+        options: InterNodeOptions | None = None,
+    ) -> None:
+        opts = options or InterNodeOptions()
+        self.options = opts
+        self.group = group
+        self.rank, self.world_size = R.group_rank_size(group)
+        world = self.world_size
+        if ranks_per_node < 1 or world % ranks_per_node:
+            raise ValueError(
+                f"ranks_per_node ({ranks_per_node}) must divide the world size ({world})"
+            )
+        self.ranks_per_node = ranks_per_node
+        self.num_nodes = world // ranks_per_node
+        self.node = self.rank // ranks_per_node
+        self.node_ranks = list(range(self.node * ranks_per_node, (self.node + 1) * ranks_per_node))
+        self.remote_ranks = [r for r in range(world) if r not in self.node_ranks]
+        self.num_experts = num_experts
+        self.num_local_experts = L.num_local_experts(num_experts, world)
+        self.topk = num_experts_per_token
+        self.max_num_tokens = max_num_tokens
+        self.expert_padding = expert_padding
+        self.hidden_dim = hidden_dim
+        self.hidden_dim_scale = hidden_dim_scale or 0
+        self.in_dtype, self.out_dtype = in_dtype, out_dtype
+        self.device = torch.device(device)
+
+        slots = max_num_tokens * num_experts_per_token  # C
+        self.max_slots = slots
+        if max_private_tokens is None:
+            max_private_tokens = min(slots, max(1, -(-2 * slots // world)))
+        if isinstance(max_private_tokens, bool) or not isinstance(max_private_tokens, int):
+            raise TypeError(f"max_private_tokens must be an int, got {max_private_tokens!r}")
+        if max_private_tokens < 1:
+            raise ValueError(f"max_private_tokens must be >= 1, got {max_private_tokens}")
+        self.max_private = min(max_private_tokens, slots)
+        # Worst case of the shared overflow region: every remote source sends all C slots
+        # here, Q of them into its private region.
+        num_remote = len(self.remote_ranks)
+        worst_overflow = num_remote * (slots - self.max_private)
+        ovf = worst_overflow if opts.max_overflow_tokens is None else opts.max_overflow_tokens
+        if ovf < worst_overflow:
+            raise ValueError(
+                f"max_overflow_tokens={ovf} is too small: {num_remote} remote ranks may each "
+                f"send {slots} rows (max_num_tokens {max_num_tokens} x top-k "
+                f"{num_experts_per_token}), {self.max_private} of them private, so the "
+                f"overflow region needs {worst_overflow} rows"
+            )
+        self.max_overflow = ovf
+        if opts.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {opts.timeout_s}")
+        self.timeout_s = float(opts.timeout_s)
+
+        # Record sizes (bytes).
+        isz = torch.empty(0, dtype=in_dtype).element_size()
+        self.x_bytes = hidden_dim * isz
+        self.rec_bytes = self.x_bytes + 4 * self.hidden_dim_scale
+        self.y_bytes = hidden_dim * torch.empty(0, dtype=out_dtype).element_size()
+
+        # Node groups: every rank creates every node's group (new_group is a collective).
+        self._global = [
+            dist.get_global_rank(group, r) if group is not None else r for r in range(world)
+        ]
+        backend = dist.get_backend(group)
+        self.node_group = None
+        for n in range(self.num_nodes):
+            ranks = [self._global[r] for r in range(n * ranks_per_node, (n + 1) * ranks_per_node)]
+            g = dist.new_group(ranks=ranks, backend=backend)
+            if n == self.node:
+                self.node_group = g
+
+        self.engine: TransferEngine | None = None
+        self.phase = PhaseTimes()
+        self._iter_dispatch = 0
+        self._iter_combine = 0
+        self._dispatch: _DispatchState | None = None
+        self._comb_pending = False
+        self._poster: Any = None
+        self._proxy: Any = None
+        if num_remote:
+            self._setup_fabric(opts)
+
+    # ------------------------------------------------------------------ setup
+
+    def _setup_fabric(self, opts: InterNodeOptions) -> None:
+        world, e = self.world_size, self.num_experts
+        q, c = self.max_private, self.max_slots
+        provider = opts.provider or os.environ.get(PROVIDER_ENV, "shm")
+        kw: dict[str, Any] = {}
+        if opts.shard_threshold is not None:
+            kw["shard_threshold"] = opts.shard_threshold
+        self.engine = TransferEngine(
+            provider,
+            num_domains=opts.nets_per_gpu,
+            fault_injection=opts.fault_injection,
+            node="127.0.0.1" if provider == "tcp" else None,
+            imm_table_size=max(64, NUM_KINDS * world),
+            **kw,
+        )
+        from pplx._ffi import lib
+
+        self.has_hmem = bool(lib.pplx_engine_has_hmem(self.engine._handle()))
+        cuda = self.device.type == "cuda"
+        if cuda and self.has_hmem:
+            buf_device, pin = self.device, False
+            self.fabric_path = "direct: GPU memory registered (FI_HMEM)"
+        elif cuda:
+            buf_device, pin = torch.device("cpu"), True
+            self.fabric_path = "staged: pinned host memory (libfabric without FI_HMEM)"
+        else:
+            buf_device, pin = torch.device("cpu"), False
+            self.fabric_path = "host memory"
+        self.buf_device = buf_device
+
+        # Receive region: counts [R, E] int32 | dispatch private [R, Q] records |
+        # dispatch overflow [O] records | combine private [R, Q] rows | combine overflow.
+        off = 0
+        self.r_counts = off
+        off = _align(off + world * e * 4)
+        self.r_dpriv = off
+        off = _align(off + world * q * self.rec_bytes)
+        self.r_dovf = off
+        off = _align(off + self.max_overflow * self.rec_bytes)
+        self.r_cpriv = off
+        off = _align(off + world * q * self.y_bytes)
+        self.r_covf = off
+        off = _align(off + self.max_overflow * self.y_bytes)
+        recv_bytes = max(off, _ALIGN)
+        # Send region: my counts [E] int32 | dispatch records [C] (sorted slot order) |
+        # combine rows [R_remote * C] (arrival order of dispatch).
+        off = 0
+        self.s_counts = off
+        off = _align(off + e * 4)
+        self.s_disp = off
+        off = _align(off + c * self.rec_bytes)
+        self.s_comb = off
+        off = _align(off + world * c * self.y_bytes)
+        send_bytes = off
+        self.recv_buf = torch.zeros(
+            recv_bytes, dtype=torch.uint8, device=buf_device, pin_memory=pin
+        )
+        self.send_buf = torch.zeros(
+            send_bytes, dtype=torch.uint8, device=buf_device, pin_memory=pin
+        )
+        self.recv_mr, recv_desc = self.engine.register_tensor(self.recv_buf)
+        self.send_mr, _ = self.engine.register_tensor(self.send_buf)
+        self.descs = exchange_descriptors(recv_desc, self.group)
+        if opts.use_proxy:
+            from pplx.fabric.proxy import HostProxy, ProxyPoster
+
+            self._proxy = HostProxy(self.engine, self.send_mr, self.descs)
+            self._poster = ProxyPoster(self._proxy)
+        else:
+            self._poster = _EnginePoster(self.engine, self.send_mr, self.descs)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _imm(self, kind: int, src: int) -> int:
+        return kind * self.world_size + src
+
+    def _wait(self, kind: int, src: int, n: int) -> None:
+        """Wait for n arrivals of (kind, src) and consume them; clear error on timeout."""
+        if n == 0:
+            return
+        try:
+            self.engine.imm_counter(self._imm(kind, src)).wait(
+                n, timeout=self.timeout_s, consume=True
+            )
+        except FabricTimeout as exc:
+            have = self.engine.imm_counter(self._imm(kind, src)).count
+            raise TimeoutError(
+                f"rank {self.rank} (node {self.node}): waited {self.timeout_s:g} s for "
+                f"{KIND_NAMES[kind]} from rank {src} (node {src // self.ranks_per_node}): "
+                f"{have} of {n} immediates arrived; the peer died or does not call the same "
+                "collective"
+            ) from exc
+
+    def _shards(self, nbytes: int) -> int:
+        return self.engine.num_shards(nbytes) if nbytes else 0
+
+    def _wait_sends(self) -> None:
+        try:
+            self._poster.wait_all(self.timeout_s)
+        except FabricTimeout as exc:
+            raise TimeoutError(
+                f"rank {self.rank}: writes to remote ranks did not complete within "
+                f"{self.timeout_s:g} s (a peer died?)"
+            ) from exc
+
+    def _overflow_offset(self, counts: torch.Tensor, src: int, dst: int, per_rank: bool) -> int:
+        """Row offset of `src`'s overflow in `dst`'s overflow region.
+
+        Dispatch (per_rank False): the rows s sends to d are counts[s, experts of d]; the
+        offset is the sum over remote sources s' < s of max(0, n(s', d) - Q).
+        Combine (per_rank True): d sends back to s the rows of s's slots; on s the offset is
+        the sum over remote d' < d of max(0, n(s, d') - Q).
+        """
+        e_local, q, p = self.num_local_experts, self.max_private, self.ranks_per_node
+        per = counts.reshape(self.world_size, self.world_size, e_local).sum(2)  # [R_src, R_dst]
+        if not per_rank:
+            others = [s for s in range(src) if s // p != dst // p]
+            return int(sum(max(0, int(per[s, dst]) - q) for s in others))
+        others = [d for d in range(dst) if d // p != src // p]
+        return int(sum(max(0, int(per[src, d]) - q) for d in others))
+
+    # ------------------------------------------------------------------ dispatch
+
+    def dispatch(
+        self,
+        out_expert_num_tokens: torch.Tensor,
+        out_expert_x: torch.Tensor,
+        out_expert_x_scale: torch.Tensor | None,
+        dp_x: torch.Tensor,
+        dp_x_scale: torch.Tensor | None,
+        indices: torch.Tensor,
+        weights: torch.Tensor,
+        bound_m: torch.Tensor | None = None,
+        do_send: bool = True,
+        do_recv: bool = True,
+    ) -> None:
+        """As `AllToAll.dispatch` (arguments already validated there)."""
+        if do_send:
+            if self._dispatch is not None and not self._dispatch.recv_done:
+                raise RuntimeError("dispatch(do_send=True) called twice without do_recv")
+            self._dispatch_send(dp_x, dp_x_scale, indices, bound_m)
+        if do_recv:
+            if self._dispatch is None or self._dispatch.recv_done:
+                raise RuntimeError("dispatch(do_recv=True) without a preceding do_send")
+            self._dispatch_recv(out_expert_num_tokens, out_expert_x, out_expert_x_scale)
+
+    def _pack_records(
+        self, x: torch.Tensor, x_scale: torch.Tensor | None, tok: torch.Tensor
+    ) -> torch.Tensor:
+        """`[n, rec_bytes]` uint8 records (x bytes, then scale bytes) of tokens `tok`."""
+        rec = torch.empty(tok.numel(), self.rec_bytes, dtype=torch.uint8, device=x.device)
+        rec[:, : self.x_bytes] = x.contiguous().view(torch.uint8)[tok]
+        if self.hidden_dim_scale:
+            rec[:, self.x_bytes :] = x_scale.float().contiguous().view(torch.uint8)[tok]
+        return rec
+
+    def _dispatch_send(self, x, x_scale, indices, bound_m) -> None:
+        ph = self.phase = PhaseTimes()
+        t0 = time.perf_counter()
+        world, e_local, k = self.world_size, self.num_local_experts, self.topk
+        m = L.live_tokens(bound_m, indices.shape[0])
+        flat = indices[:m].reshape(-1).long()
+        my_counts = torch.bincount(flat, minlength=self.num_experts)[: self.num_experts]
+        send_order = torch.sort(flat, stable=True).indices  # [N] by (expert, t, k)
+        send_counts = my_counts.reshape(world, e_local).sum(1).cpu()  # [R]
+        starts = (send_counts.cumsum(0) - send_counts).tolist()
+        send_counts = send_counts.tolist()
+        counts = torch.zeros(world, self.num_experts, dtype=torch.int64)
+        counts[self.rank] = my_counts.cpu()
+        tok = send_order // k  # [N] token of each sorted slot
+        remote = self.remote_ranks
+
+        if remote:
+            q = self.max_private
+            if self._iter_dispatch > 0:
+                # Our receive buffers were read by the last dispatch_recv: say so now (not
+                # then, so that no write is left in flight to a peer that has finished),
+                # then wait until every peer said the same of its buffers.
+                for d in remote:
+                    self._poster.imm(d, self._imm(DISP_FREE, self.rank))
+                for d in remote:
+                    self._wait(DISP_FREE, d, 1)
+            cnt_view = self.send_buf[self.s_counts : self.s_counts + 4 * self.num_experts]
+            cnt_view.view(torch.int32).copy_(my_counts.to(torch.int32))
+            self._poster.scatter(
+                remote,
+                self.s_counts,
+                self.r_counts + self.rank * self.num_experts * 4,
+                self.num_experts * 4,
+                self._imm(COUNTS, self.rank),
+            )
+            ph.counts += _us(t0)
+            t1 = time.perf_counter()
+            # Records of the slots bound to remote ranks, at their sorted-slot positions.
+            recs = self.send_buf[self.s_disp : self.s_disp + self.max_slots * self.rec_bytes]
+            recs = recs.view(self.max_slots, self.rec_bytes)
+            for d in remote:
+                n = send_counts[d]
+                if n == 0:
+                    continue
+                lo = starts[d]
+                recs[lo : lo + n].copy_(self._pack_records(x, x_scale, tok[lo : lo + n]))
+                n_priv = min(n, q)
+                self._poster.write(
+                    d,
+                    self.s_disp + lo * self.rec_bytes,
+                    self.r_dpriv + self.rank * q * self.rec_bytes,
+                    n_priv * self.rec_bytes,
+                    self._imm(DISP_PRIV, self.rank),
+                )
+            ph.private += _us(t1)
+
+        t2 = time.perf_counter()
+        # Node peers: counts all-gather and rows all-to-all over the node group.
+        node_recs = None
+        p = self.ranks_per_node
+        if p > 1:
+            gathered = [torch.empty_like(my_counts) for _ in range(p)]
+            dist.all_gather(gathered, my_counts, group=self.node_group)
+            for i, r in enumerate(self.node_ranks):
+                counts[r] = gathered[i].cpu()
+        me_lo, me_hi = self.rank * e_local, (self.rank + 1) * e_local
+        n_send_node = [send_counts[r] for r in self.node_ranks]
+        n_recv_node = [int(counts[r, me_lo:me_hi].sum()) for r in self.node_ranks]
+        lo, hi = starts[self.node_ranks[0]], starts[self.node_ranks[-1]] + n_send_node[-1]
+        node_send = self._pack_records(x, x_scale, tok[lo:hi])
+        node_recs = R.exchange_rows(node_send, n_send_node, n_recv_node, self.node_group)
+        ph.intra += _us(t2)
+        self._node_recs = node_recs
+        self._dispatch = _DispatchState(
+            counts=counts,
+            layout=None,  # type: ignore[arg-type]  # set once every count is known
+            send_order=send_order,
+            send_counts=send_counts,
+            num_live=m,
+        )
+        self._starts = starts
+
+    def _dispatch_recv(self, out_num, out_x, out_x_scale) -> None:
+        st = self._dispatch
+        ph = self.phase
+        world, e_local, q = self.world_size, self.num_local_experts, self.max_private
+        me_lo, me_hi = self.rank * e_local, (self.rank + 1) * e_local
+        remote = self.remote_ranks
+        counts = st.counts
+        if remote:
+            t0 = time.perf_counter()
+            cview = self.recv_buf[self.r_counts : self.r_counts + world * self.num_experts * 4]
+            cview = cview.view(torch.int32).view(world, self.num_experts)
+            for s in remote:
+                self._wait(COUNTS, s, 1)
+                counts[s] = cview[s].to("cpu", torch.int64)
+            ph.counts += _us(t0)
+            t1 = time.perf_counter()
+            for d in remote:
+                n = st.send_counts[d]
+                if n <= q:
+                    continue
+                off = self._overflow_offset(counts, self.rank, d, per_rank=False)
+                self._poster.write(
+                    d,
+                    self.s_disp + (self._starts[d] + q) * self.rec_bytes,
+                    self.r_dovf + off * self.rec_bytes,
+                    (n - q) * self.rec_bytes,
+                    self._imm(DISP_OVF, self.rank),
+                )
+            ph.overflow += _us(t1)
+        t2 = time.perf_counter()
+        n_from = [int(counts[s, me_lo:me_hi].sum()) for s in range(world)]
+        for s in remote:
+            self._wait(DISP_PRIV, s, self._shards(min(n_from[s], q) * self.rec_bytes))
+            self._wait(DISP_OVF, s, self._shards(max(0, n_from[s] - q) * self.rec_bytes))
+        ph.recv_wait += _us(t2)
+
+        t3 = time.perf_counter()
+        layout = L.group_layout(counts, self.expert_padding)
+        st.layout = layout
+        # Received records in arrival order: source rank, then (expert, t, k).
+        parts = []
+        node_pos = 0
+        for s in range(world):
+            n = n_from[s]
+            if n == 0:
+                continue
+            if s in self.node_ranks:
+                parts.append(self._node_recs[node_pos : node_pos + n])
+                node_pos += n
+                continue
+            priv = self.recv_buf[
+                self.r_dpriv + s * q * self.rec_bytes : self.r_dpriv
+                + (s * q + min(n, q)) * self.rec_bytes
+            ]
+            parts.append(priv.view(-1, self.rec_bytes))
+            if n > q:
+                off = self._overflow_offset(counts, s, self.rank, per_rank=False)
+                ovf = self.recv_buf[
+                    self.r_dovf + off * self.rec_bytes : self.r_dovf
+                    + (off + n - q) * self.rec_bytes
+                ]
+                parts.append(ovf.view(-1, self.rec_bytes))
+        rows = L.recv_rows(layout, self.rank).to(out_x.device)
+        if parts:
+            recs = torch.cat([p_.to(out_x.device) for p_ in parts])
+            out_x.view(torch.uint8)[rows] = recs[:, : self.x_bytes]
+            if out_x_scale is not None:
+                out_x_scale.view(torch.uint8)[rows] = recs[:, self.x_bytes :]
+        out_num.copy_(layout.expert_num_tokens[self.rank].to(out_num.device, torch.int32))
+        ph.place += _us(t3)
+        if remote:
+            self._wait_sends()
+        self._node_recs = None
+        st.recv_done = True
+        self._iter_dispatch += 1
+
+    # ------------------------------------------------------------------ combine
+
+    def combine(
+        self,
+        out_tokens: torch.Tensor,
+        indices: torch.Tensor,
+        weights: torch.Tensor,
+        expert_y: torch.Tensor,
+        bound_m: torch.Tensor | None = None,
+        do_send: bool = True,
+        do_recv: bool = True,
+        accumulate: bool = False,
+    ) -> None:
+        """As `AllToAll.combine`, with the routing of the preceding dispatch."""
+        st = self._dispatch
+        if st is None or not st.recv_done:
+            raise RuntimeError("combine needs a completed dispatch before it (its routing)")
+        m = L.live_tokens(bound_m, indices.shape[0])
+        if m != st.num_live or not torch.equal(
+            torch.bincount(indices[:m].reshape(-1).long(), minlength=self.num_experts)[
+                : self.num_experts
+            ].cpu(),
+            st.counts[self.rank],
+        ):
+            raise ValueError(
+                "combine: indices/bound_m differ from the preceding dispatch's routing "
+                "(combine returns the rows that dispatch placed)"
+            )
+        if do_send:
+            if self._comb_pending:
+                raise RuntimeError("combine(do_send=True) called twice without do_recv")
+            self._combine_send(expert_y)
+            self._comb_pending = True
+        if do_recv:
+            if not self._comb_pending:
+                raise RuntimeError("combine(do_recv=True) without a preceding do_send")
+            self._combine_recv(out_tokens, weights, accumulate)
+            self._comb_pending = False
+
+    def _combine_send(self, expert_y: torch.Tensor) -> None:
+        st = self._dispatch
+        t0 = time.perf_counter()
+        world, e_local, q = self.world_size, self.num_local_experts, self.max_private
+        me_lo, me_hi = self.rank * e_local, (self.rank + 1) * e_local
+        layout, counts = st.layout, st.counts
+        rows = L.recv_rows(layout, self.rank).to(expert_y.device)  # arrival order
+        y = expert_y.contiguous().view(torch.uint8)[rows]  # [N_recv, y_bytes]
+        n_from = [int(counts[s, me_lo:me_hi].sum()) for s in range(world)]
+        seg = [0]
+        for n in n_from:
+            seg.append(seg[-1] + n)
+        if self.remote_ranks:
+            if self._iter_combine > 0:  # credits, as in _dispatch_send
+                for s in self.remote_ranks:
+                    self._poster.imm(s, self._imm(COMB_FREE, self.rank))
+                for s in self.remote_ranks:
+                    self._wait(COMB_FREE, s, 1)
+            ys = self.send_buf[self.s_comb : self.s_comb + world * self.max_slots * self.y_bytes]
+            ys = ys.view(-1, self.y_bytes)
+            for s in self.remote_ranks:
+                n = n_from[s]
+                if n == 0:
+                    continue
+                ys[seg[s] : seg[s] + n].copy_(y[seg[s] : seg[s] + n])
+                src = self.s_comb + seg[s] * self.y_bytes
+                imm = self._imm(COMB, self.rank)
+                n_priv = min(n, q)
+                self._poster.write(
+                    s,
+                    src,
+                    self.r_cpriv + self.rank * q * self.y_bytes,
+                    n_priv * self.y_bytes,
+                    imm,
+                )
+                if n > q:
+                    off = self._overflow_offset(counts, s, self.rank, per_rank=True)
+                    self._poster.write(
+                        s,
+                        src + q * self.y_bytes,
+                        self.r_covf + off * self.y_bytes,
+                        (n - q) * self.y_bytes,
+                        imm,
+                    )
+        nr = self.node_ranks
+        send = torch.cat([y[seg[r] : seg[r] + n_from[r]] for r in nr]) if nr else y[:0]
+        n_back = [st.send_counts[r] for r in nr]
+        self._comb_node = R.exchange_rows(send, [n_from[r] for r in nr], n_back, self.node_group)
+        self.phase.combine_send = _us(t0)
+
+    def _combine_recv(self, out_tokens, weights, accumulate) -> None:
+        st = self._dispatch
+        t0 = time.perf_counter()
+        q = self.max_private
+        dev = out_tokens.device
+        for d in self.remote_ranks:
+            n = st.send_counts[d]
+            arrivals = self._shards(min(n, q) * self.y_bytes)
+            arrivals += self._shards(max(0, n - q) * self.y_bytes)
+            self._wait(COMB, d, arrivals)
+        self.phase.combine_wait = _us(t0)
+        t1 = time.perf_counter()
+        parts = []
+        node_pos = 0
+        for d in range(self.world_size):
+            n = st.send_counts[d]
+            if n == 0:
+                continue
+            if d in self.node_ranks:
+                parts.append(self._comb_node[node_pos : node_pos + n].view(torch.uint8).to(dev))
+                node_pos += n
+                continue
+            base = self.r_cpriv + d * q * self.y_bytes
+            parts.append(
+                self.recv_buf[base : base + min(n, q) * self.y_bytes].view(-1, self.y_bytes).to(dev)
+            )
+            if n > q:
+                off = self._overflow_offset(st.counts, self.rank, d, per_rank=True)
+                base = self.r_covf + off * self.y_bytes
+                parts.append(
+                    self.recv_buf[base : base + (n - q) * self.y_bytes]
+                    .view(-1, self.y_bytes)
+                    .to(dev)
+                )
+        m, k, h = st.num_live, self.topk, self.hidden_dim
+        flat = torch.empty(m * k, self.y_bytes, dtype=torch.uint8, device=dev)
+        if parts:
+            flat[st.send_order.to(dev)] = torch.cat(parts)
+        slot_rows = flat.view(self.out_dtype).reshape(m, k, h)
+        sums = R.weighted_sum(slot_rows, weights[:m])
+        R.finish_combine(sums, out_tokens, accumulate)
+        if self.remote_ranks:
+            self._wait_sends()
+        self._comb_node = None
+        self._iter_combine += 1
+        self.phase.combine_sum = _us(t1)
+
+    # ------------------------------------------------------------------ lifetime
+
+    def destroy(self) -> None:
+        """Stop the proxy, close the engine (unregisters the buffers). Idempotent; not a
+        collective (a peer that died must not block it)."""
+        if self._proxy is not None:
+            self._proxy.close()
+            self._proxy = None
+        if self._poster is not None:
+            self._poster.close()
+            self._poster = None
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        self._dispatch = None
