@@ -95,6 +95,11 @@ class Cluster:
     combine_dedup: "rank" returns one row per (token, rank), the rank's expert outputs
         summed first; "none" one row per (token, slot). Fitted: with "none" the published
         CX7 combine would need more than the 400 Gb/s line rate.
+        Both accept "node" (a layout prototype, not pplx-garden's): a token crosses the
+        fabric once per destination node, to the rank of the same local index there, which
+        fans it out over NVLink (combine: sums over NVLink first, then one row per node).
+    nvlink_hop_us: the extra NVLink hop of "node" dedup: a flag wait between two kernels
+        of one node (assumed 3 us: about two NVLink signal round trips).
     """
 
     gpus_per_node: int
@@ -106,6 +111,7 @@ class Cluster:
     max_private_tokens: int = 32
     dispatch_dedup: str = "rank"
     combine_dedup: str = "rank"
+    nvlink_hop_us: float = 3.0
     name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -116,9 +122,10 @@ class Cluster:
                 f"Cluster.max_private_tokens: expected >= 0, got {self.max_private_tokens}"
             )
         for name in ("dispatch_dedup", "combine_dedup"):
-            if getattr(self, name) not in ("rank", "none"):
+            if getattr(self, name) not in ("rank", "none", "node"):
                 raise ValueError(
-                    f"Cluster.{name}: expected 'rank' or 'none', got {getattr(self, name)!r}"
+                    f"Cluster.{name}: expected 'rank', 'none' or 'node', "
+                    f"got {getattr(self, name)!r}"
                 )
 
     def replace(self, **changes: object) -> Cluster:
@@ -139,6 +146,7 @@ PARAM_SOURCES: dict[str, tuple[str, str, str]] = {
     "max_private_tokens": ("rows", "fitted", "grid 16..128 in calibrate --sweep: 24-48 fit"),
     "dispatch_dedup": ("-", "fitted", "grid in calibrate --sweep; 'rank' fits best"),
     "combine_dedup": ("-", "fitted", "grid; 'none' needs more than 400 Gb/s on CX7"),
+    "nvlink_hop_us": ("us", "assumed", "node dedup only: one NVLink flag wait between kernels"),
     "nic.nics_per_gpu": ("NICs", "vendor", "CX7: 1 x 400G per GPU; p5en: 2 x 200G EFA per GPU"),
     "nic.gbps_per_nic": ("Gb/s", "vendor", "CX7 400 Gb/s; EFA (p5en) 200 Gb/s per NIC"),
     "nic.bw_efficiency": ("-", "fitted", "pplx_garden_decode.csv, EP16-64"),

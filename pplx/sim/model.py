@@ -102,6 +102,35 @@ def _shards(nbytes: np.ndarray, nic: NicSpec) -> np.ndarray:
     return np.where(nbytes > 0, many, 0)
 
 
+def _node_dedup(
+    cluster: Cluster, routing: Routing, g: int, row_bytes: int, phase: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fabric rows `[R, R]` and the extra NVLink hop `[R]` (us) of node-level dedup: a
+    token crosses to each remote node once, to the rank of its own local index there
+    (the "leader"), which forwards it to the node's other ranks that need it (combine:
+    the node's ranks send their partial sums to the leader, which sends one row back)."""
+    if routing.node_tokens is None or routing.ranks_per_node != g:
+        raise ValueError(
+            f"phase_latency: node dedup needs routing.node_tokens for {g} ranks per node "
+            f"(build the routing with ranks_per_node={g})"
+        )
+    num_ranks = routing.num_ranks
+    rows = np.zeros((num_ranks, num_ranks), np.int64)  # source -> leader
+    fan = np.zeros(num_ranks, np.int64)  # rows a leader forwards over NVLink
+    for r in range(num_ranks):
+        for n in range(num_ranks // g):
+            if n == r // g:
+                continue
+            leader = n * g + r % g
+            rows[r, leader] = routing.node_tokens[r, n]
+            fan[leader] += routing.rank_tokens[r, n * g : (n + 1) * g].sum()
+            fan[leader] -= routing.rank_tokens[r, leader]
+    if phase == "combine":
+        rows = rows.T
+    hop_us = fan * row_bytes / (cluster.nvlink_GBps * 1e3) + cluster.nvlink_hop_us
+    return rows, hop_us
+
+
 def phase_latency(cluster: Cluster, routing: Routing, workload: Workload, phase: str) -> Breakdown:
     """Modelled time of one `phase` ("dispatch" or "combine") call on `cluster`."""
     if phase not in ("dispatch", "combine"):
@@ -113,17 +142,19 @@ def phase_latency(cluster: Cluster, routing: Routing, workload: Workload, phase:
             f"phase_latency: ranks ({num_ranks}) must be a multiple of gpus_per_node ({g})"
         )
     nic = cluster.nic
-    if phase == "dispatch":
-        send_rows = routing.rows(cluster.dispatch_dedup)  # [R, R] src -> dst
-        row_bytes = workload.dispatch_row_bytes
-    else:
-        send_rows = routing.rows(cluster.combine_dedup).T  # expert rank -> token's rank
-        row_bytes = workload.combine_row_bytes
+    dedup = cluster.dispatch_dedup if phase == "dispatch" else cluster.combine_dedup
+    rows = routing.rows("rank" if dedup == "node" else dedup)  # [R, R] token rank -> expert rank
+    send_rows = rows if phase == "dispatch" else rows.T  # [R, R] sender -> receiver
+    row_bytes = workload.dispatch_row_bytes if phase == "dispatch" else workload.combine_row_bytes
     node = np.arange(num_ranks) // g
     same_node = node[:, None] == node[None, :]
     eye = np.eye(num_ranks, dtype=bool)
     nvl = np.where(same_node & ~eye, send_rows, 0) * row_bytes  # [R, R] bytes
-    fab = np.where(~same_node, send_rows, 0) * row_bytes  # [R, R] bytes
+    fab_rows = np.where(~same_node, send_rows, 0)  # [R, R] rows over the fabric
+    hop_us = np.zeros(num_ranks)
+    if dedup == "node" and num_ranks > g:
+        fab_rows, hop_us = _node_dedup(cluster, routing, g, row_bytes, phase)
+    fab = fab_rows * row_bytes  # [R, R] bytes
 
     nvl_bytes = np.maximum(nvl.sum(1), nvl.sum(0))  # [R] send and receive run in parallel
     nvlink_us = nvl_bytes / (cluster.nvlink_GBps * 1e3)  # [R]
@@ -142,8 +173,8 @@ def phase_latency(cluster: Cluster, routing: Routing, workload: Workload, phase:
         remote = ~same_node
         if phase == "dispatch":
             cnt_out = remote.sum(1)  # [R] one counts write per remote rank
-            priv_rows = np.minimum(send_rows, cluster.max_private_tokens) * remote
-            ovf_rows = send_rows * remote - priv_rows
+            priv_rows = np.minimum(fab_rows, cluster.max_private_tokens)
+            ovf_rows = fab_rows - priv_rows
             overflow_rows = int(ovf_rows.sum())
             priv = priv_rows * row_bytes
             ovf = ovf_rows * row_bytes
@@ -173,7 +204,7 @@ def phase_latency(cluster: Cluster, routing: Routing, workload: Workload, phase:
         wire_us = np.maximum(fab.sum(1), fab.sum(0)) / bw
         wrs = out_wr
 
-    per_rank = cluster.kernel_fixed_us + pack_us + np.maximum(nvlink_us, rdma_us)
+    per_rank = cluster.kernel_fixed_us + pack_us + np.maximum(nvlink_us, rdma_us + hop_us)
     r = int(np.argmax(per_rank))
     return Breakdown(
         total_us=float(per_rank[r]),

@@ -27,6 +27,9 @@ class Routing:
     slot_rows: `[R, R]` int64: (token, slot) pairs of source r whose expert lives on rank d.
     num_tokens: T, tokens per rank.
     num_experts_per_token: K.
+    node_tokens: `[R, N]` int64: distinct tokens of source r that need node n, for
+        `ranks_per_node` ranks per node (None when not computed).
+    ranks_per_node: the node size node_tokens was computed for (0 when None).
     """
 
     expert_counts: np.ndarray
@@ -34,6 +37,8 @@ class Routing:
     slot_rows: np.ndarray
     num_tokens: int
     num_experts_per_token: int
+    node_tokens: np.ndarray | None = None
+    ranks_per_node: int = 0
 
     @property
     def num_ranks(self) -> int:
@@ -100,10 +105,13 @@ def sample_indices(
     return out
 
 
-def routing_from_indices(indices: Sequence[np.ndarray], num_experts: int) -> Routing:
+def routing_from_indices(
+    indices: Sequence[np.ndarray], num_experts: int, ranks_per_node: int = 8
+) -> Routing:
     """Counts from per-rank `[T_r, K]` integer expert indices (numpy or torch CPU tensors).
 
-    Ranks must divide experts: rank of expert e is e // (E / R).
+    Ranks must divide experts: rank of expert e is e // (E / R). Node-level counts are
+    filled for `ranks_per_node` when it divides the number of ranks (else left None).
     """
     num_ranks = len(indices)
     if num_ranks == 0 or num_experts % num_ranks:
@@ -127,7 +135,10 @@ def routing_from_indices(indices: Sequence[np.ndarray], num_experts: int) -> Rou
         np.put_along_axis(hit, idx // e_local, True, axis=1)
         rank_tokens[r] = hit.sum(axis=0)
     slot_rows = expert_counts.reshape(num_ranks, num_ranks, e_local).sum(axis=2)
-    return Routing(expert_counts, rank_tokens, slot_rows, num_tokens, k)
+    nodes, g = None, 0
+    if ranks_per_node >= 1 and num_ranks % ranks_per_node == 0:
+        nodes, g = node_tokens(indices, num_experts, ranks_per_node), ranks_per_node
+    return Routing(expert_counts, rank_tokens, slot_rows, num_tokens, k, nodes, g)
 
 
 def node_tokens(indices: Sequence[np.ndarray], num_experts: int, ranks_per_node: int) -> np.ndarray:
@@ -149,6 +160,45 @@ def node_tokens(indices: Sequence[np.ndarray], num_experts: int, ranks_per_node:
     return out
 
 
+@dataclass(frozen=True)
+class OverflowStats:
+    """Private-region overflow of one routing (remote pairs only: other nodes).
+
+    pairs: remote (source, destination) pairs with at least one row; pairs_overflowing:
+    those with more rows than the private region; rows / rows_overflowing: rows sent to
+    remote ranks and those beyond the private region; the two fractions."""
+
+    pairs: int
+    pairs_overflowing: int
+    rows: int
+    rows_overflowing: int
+
+    @property
+    def pair_fraction(self) -> float:
+        return self.pairs_overflowing / self.pairs if self.pairs else 0.0
+
+    @property
+    def row_fraction(self) -> float:
+        return self.rows_overflowing / self.rows if self.rows else 0.0
+
+
+def private_overflow(
+    routing: Routing, ranks_per_node: int, max_private_tokens: int, dedup: str = "rank"
+) -> OverflowStats:
+    """How many rows of a dispatch would not fit the private region and wait for counts."""
+    rows = routing.rows(dedup)
+    node = np.arange(routing.num_ranks) // ranks_per_node
+    remote = node[:, None] != node[None, :]
+    r = np.where(remote, rows, 0)
+    over = np.maximum(r - max_private_tokens, 0)
+    return OverflowStats(
+        pairs=int((r > 0).sum()),
+        pairs_overflowing=int((over > 0).sum()),
+        rows=int(r.sum()),
+        rows_overflowing=int(over.sum()),
+    )
+
+
 def make_routing(
     kind: str,
     num_ranks: int,
@@ -157,6 +207,7 @@ def make_routing(
     num_experts_per_token: int,
     seed: int = 0,
     skew: float = 1.0,
+    ranks_per_node: int = 8,
 ) -> Routing:
     """Routing of a named kind: "uniform", "zipf" (exponent `skew`) or "trace" (Zipf(skew)
     global popularity mixed half and half with per-rank locality)."""
@@ -169,4 +220,4 @@ def make_routing(
         idx = sample_indices(*args, skew=skew, locality=0.5, seed=seed)
     else:
         raise ValueError(f"make_routing: kind expected uniform|zipf|trace, got {kind!r}")
-    return routing_from_indices(idx, num_experts)
+    return routing_from_indices(idx, num_experts, ranks_per_node)

@@ -133,3 +133,28 @@ def test_refit_matches_presets():
     f = calibrate.fit()
     err = f.errors()[[i for i, c in enumerate(f.cells) if c.system in ("efa", "cx7")]]
     assert np.abs(err).max() < 0.20
+
+
+def test_node_dedup_sends_fewer_fabric_bytes_and_needs_node_counts():
+    r = make_routing("uniform", 32, 128, 256, 8, seed=4)
+    a = dispatch_latency(cx7_cluster(), r)
+    b = dispatch_latency(cx7_cluster(dispatch_dedup="node", max_private_tokens=128), r)
+    assert b.fabric_bytes < a.fabric_bytes
+    # Node dedup never sends more rows than rank dedup, per source and node.
+    assert (r.node_tokens * 1 <= r.rank_tokens.reshape(32, 4, 8).sum(2)).all()
+    bare = routing_from_indices(sample_indices(32, 16, 256, 8), 256, ranks_per_node=3)
+    assert bare.node_tokens is None
+    with pytest.raises(ValueError, match="node dedup needs"):
+        dispatch_latency(cx7_cluster(dispatch_dedup="node"), bare)
+
+
+def test_private_overflow_counts():
+    from pplx.sim.routing import private_overflow
+
+    r = make_routing("uniform", 16, 128, 256, 8, seed=5)
+    none = private_overflow(r, 8, 0)
+    assert none.rows_overflowing == none.rows and none.row_fraction == 1.0
+    assert private_overflow(r, 8, 128).rows_overflowing == 0
+    mid = private_overflow(r, 8, 32)
+    assert 0 < mid.rows_overflowing < mid.rows
+    assert mid.rows == int(r.rank_tokens[:8, 8:].sum() + r.rank_tokens[8:, :8].sum())
