@@ -388,7 +388,7 @@ def test_constructor_rejects_bad_arguments():
         _a2a(scale_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=r"backend must be one of"):
         _a2a(backend="cuda")
-    with pytest.raises(NotImplementedError, match=r"inter-node path is not built yet"):
+    with pytest.raises(ValueError, match=r"ranks_per_node \(2\) must divide the world size \(1\)"):
         _a2a(ranks_per_node=2)
     a2a = _a2a(ranks_per_node=1)
     a2a.destroy()
