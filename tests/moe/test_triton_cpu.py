@@ -139,13 +139,6 @@ def _worker(rank: int, world_size: int) -> int:
             timeout_s=60.0,
             **kw,
         )
-        at.max_recv_tokens = L.max_recv_tokens(
-            kw["max_num_tokens"],
-            world_size,
-            kw["num_experts_per_token"],
-            kw["num_experts"] // world_size,
-            kw["expert_padding"],
-        )
         for i, case in enumerate(cases):
             run_case(at, case, 100 * n + i, rank, world_size, torch.device("cpu"))
             done += 1

@@ -26,6 +26,7 @@ under Triton's interpreter: `TRITON_INTERPRET=1` must be set before this module 
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -49,11 +50,13 @@ _WORDS = [
     (2, torch.int16, tl.int16),
     (1, torch.uint8, tl.uint8),
 ]
-# Polls of one flag before a wait gives up. CUDA: a local poll is well under 1 us, so 2e9
-# polls is minutes: the bound only turns a lost peer into an error. Interpreter: one poll
+# Polls of one flag before a wait gives up. CUDA: a poll of a local flag takes roughly
+# 0.5-1 us, so 2^26 polls is 30-60 s: far above any legitimate wait (a peer's first-call
+# JIT compile takes seconds), short enough that a lost peer ends a test. Override with
+# PPLX_MOE_MAX_SPIN. Interpreter: one poll
 # is Python work (0.1-2 ms measured on a loaded 2-core CI box), so the count is calibrated
 # at construction from the time of _PROBE_POLLS polls.
-_SPIN_CUDA = 2_000_000_000
+_SPIN_CUDA = 1 << 26
 _PROBE_POLLS = 32
 
 
@@ -187,10 +190,15 @@ class TritonAllToAll:
         self.topk = int(num_experts_per_token)
         self.num_local_experts = self.num_experts // self.world_size
         self.timeout_s = float(timeout_s)
+        # Rows of expert_x / expert_y to allocate: every slot of the group may land here.
+        self.max_recv_tokens = (
+            world_size * self.max_num_tokens * self.topk
+            + self.num_local_experts * (self.expert_padding - 1)
+        )
         if self.device.type == "cpu" and interpreter_active():
             self.max_spin = max(_PROBE_POLLS, int(self.timeout_s * _cpu_polls_per_s()))
         else:
-            self.max_spin = _SPIN_CUDA
+            self.max_spin = int(os.environ.get("PPLX_MOE_MAX_SPIN", _SPIN_CUDA))
 
         R, T, K = self.world_size, self.max_num_tokens, self.topk
         in_bytes = in_dtype.itemsize

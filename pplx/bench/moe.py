@@ -1,0 +1,519 @@
+"""MoE dispatch/combine benchmark inside one node: `python -m pplx.bench moe`.
+
+Usage:
+    torchrun --nproc-per-node 4 -m pplx.bench moe            # one process per GPU
+    python -m pplx.bench moe --ranks 4                        # spawns the ranks itself
+    python -m pplx.bench moe --ranks 2 --quick                # CPU: gloo, tiny shapes
+
+Cases (DESIGN.md, "The bar to beat"): decode T=128 tokens per rank, H=7168, K=8, E=256,
+fp8 dispatch with 56 f32 scales per token, bf16 combine; prefill T=4096, same model.
+
+Implementations timed in the same run, per phase (dispatch, combine) and per half
+(send, recv) where the implementation splits:
+- `triton`: `pplx.moe.kernels.TritonAllToAll` (CUDA: each phase/half captured in a CUDA
+  graph; CPU: Triton's interpreter);
+- `torch` (CPU only): `AllToAll(backend="torch")`, the reference over gloo;
+- `baseline`: `pplx.moe.baseline`, the all_to_all_single dispatch/combine a user writes;
+- `payload`: one `all_to_all_single` of the payload alone (every (t, k) row once, bytes);
+- `floor`: remote bytes / peer-copy bandwidth measured in this run, for the per-slot
+  layout (`floor`) and for the layout the Triton kernels move (`floor-dedup`);
+- `peer-copy`: one-way copy bandwidth to the next rank, all ranks at once (CUDA).
+
+Timing: every iteration starts with a barrier (on CUDA an all-reduce followed by a short
+GPU sleep so that all ranks start together and the CPU queues the work ahead), CUDA events
+around each phase; a phase's time is the slowest rank's in that iteration; p50/p20/p80
+over iterations. Rows go to a table and CSV through `pplx.bench.common.emit`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pplx.bench.common import Row, emit, percentiles
+
+FP8 = torch.float8_e4m3fn
+DEFAULT_CSV = "experiments/results/moe/moe.csv"
+
+
+@dataclass
+class Shape:
+    name: str
+    tokens: int
+    hidden: int
+    topk: int
+    experts: int
+
+    def label(self) -> str:
+        return f"T{self.tokens} H{self.hidden} K{self.topk} E{self.experts}"
+
+
+def _shapes(quick: bool, cases: list[str]) -> list[Shape]:
+    if quick:
+        table = {
+            "decode": Shape("decode", 8, 256, 2, 8),
+            "prefill": Shape("prefill", 32, 256, 2, 8),
+        }
+    else:
+        table = {
+            "decode": Shape("decode", 128, 7168, 8, 256),
+            "prefill": Shape("prefill", 4096, 7168, 8, 256),
+        }
+    return [table[c] for c in cases]
+
+
+# ------------------------------------------------------------------------------- timing
+
+
+class _Timer:
+    """Per-iteration phase timer: CUDA events (GPU time) or perf_counter (CPU)."""
+
+    def __init__(self, device: torch.device, group: dist.ProcessGroup | None):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.group = group
+        self._one = torch.ones(1, device=device)
+
+    def start_iteration(self) -> None:
+        if self.cuda:
+            dist.all_reduce(self._one, group=self.group)  # GPU-side rendezvous of all ranks
+            # 20 us of GPU sleep: the CPU queues the whole iteration meanwhile, so launch
+            # gaps do not show up between the events.
+            torch.cuda._sleep(40_000)
+        else:
+            dist.barrier(self.group)
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def elapsed_us(self, a, b) -> float:
+        if self.cuda:
+            return a.elapsed_time(b) * 1e3
+        return (b - a) * 1e6
+
+    def finish(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+
+def _slowest(samples: dict[str, list[float]], group) -> dict[str, list[float]]:
+    """Per iteration, the slowest rank's time (a collective ends when the last rank does)."""
+    out = {}
+    for name, vals in samples.items():
+        t = torch.tensor(vals, dtype=torch.float64)
+        gathered = [torch.zeros_like(t) for _ in range(dist.get_world_size(group))]
+        dist.all_gather_object(gathered, t, group=group)
+        out[name] = torch.stack(gathered).max(0).values.tolist()
+    return out
+
+
+# ------------------------------------------------------------------------------- inputs
+
+
+def _inputs(shape: Shape, rank: int, world_size: int, device: torch.device, seed: int):
+    from pplx.moe import testing as mt
+
+    ins = mt.random_group_inputs(
+        seed, world_size, shape.tokens, shape.hidden, shape.experts, shape.topk, FP8
+    )
+    me = ins[rank]
+    return me.x.to(device), me.x_scale.to(device), me.indices.to(device), me.weights.to(device)
+
+
+def _remote_bytes(indices: torch.Tensor, rank: int, e_local: int, row_bytes: int, world_size: int):
+    """(per-slot bytes, per-(token, rank) bytes) this rank sends to other ranks."""
+    dst = (indices.long() // e_local).cpu()
+    slots = int((dst != rank).sum())
+    hit = torch.zeros(indices.shape[0], world_size, dtype=torch.bool)
+    hit.scatter_(1, dst, True)
+    hit[:, rank] = False
+    return slots * row_bytes, int(hit.sum()) * row_bytes
+
+
+# ------------------------------------------------------------------------------- impls
+
+
+def _bench_triton(shape, rank, world_size, device, group, iters, warmup, timer):
+    from pplx.moe import layout as L
+    from pplx.moe.kernels import TritonAllToAll
+
+    x, xs, idx, w = _inputs(shape, rank, world_size, device, seed=1)
+    S = L.hidden_dim_scale(shape.hidden)
+    at = TritonAllToAll(
+        max_num_tokens=shape.tokens,
+        num_experts=shape.experts,
+        expert_padding=1,
+        hidden_dim=shape.hidden,
+        hidden_dim_scale=S,
+        in_dtype=FP8,
+        out_dtype=torch.bfloat16,
+        scale_dtype=torch.float32,
+        num_experts_per_token=shape.topk,
+        group=group,
+        device=device,
+    )
+    rows = at.max_recv_tokens
+    e_local = shape.experts // world_size
+    ent = torch.zeros(e_local, dtype=torch.int32, device=device)
+    ex = torch.zeros(rows, shape.hidden, dtype=FP8, device=device)
+    exs = torch.zeros(rows, S, device=device)
+    y = torch.randn(rows, shape.hidden, device=device).to(torch.bfloat16)
+    out = torch.zeros(shape.tokens, shape.hidden, dtype=torch.bfloat16, device=device)
+
+    def ds():
+        at.dispatch(ent, ex, exs, x, xs, idx, w, do_send=True, do_recv=False)
+
+    def dr():
+        at.dispatch(ent, ex, exs, x, xs, idx, w, do_send=False, do_recv=True)
+
+    def cs():
+        at.combine(out, idx, w, y, do_send=True, do_recv=False)
+
+    def cr():
+        at.combine(out, idx, w, y, do_send=False, do_recv=True)
+
+    def disp():
+        ds()
+        dr()
+
+    def comb():
+        cs()
+        cr()
+
+    fns = {"ds": ds, "dr": dr, "cs": cs, "cr": cr, "disp": disp, "comb": comb}
+    for _ in range(2):  # compile + warm
+        disp()
+        comb()
+    if timer.cuda:
+        torch.cuda.synchronize(device)
+        graphs = {}
+        for name, fn in fns.items():
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            graphs[name] = g
+        torch.cuda.synchronize(device)
+        run = {name: g.replay for name, g in graphs.items()}
+    else:
+        run = fns
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(warmup + iters):
+        # Pass 1: halves (send, recv of each phase).
+        timer.start_iteration()
+        m = [timer.mark()]
+        for name in ("ds", "dr", "cs", "cr"):
+            run[name]()
+            m.append(timer.mark())
+        # Pass 2: whole phases.
+        timer.start_iteration()
+        n = [timer.mark()]
+        for name in ("disp", "comb"):
+            run[name]()
+            n.append(timer.mark())
+        timer.finish()
+        if i >= warmup:
+            for j, name in enumerate(("ds", "dr", "cs", "cr")):
+                samples[name].append(timer.elapsed_us(m[j], m[j + 1]))
+            samples["disp"].append(timer.elapsed_us(n[0], n[1]))
+            samples["comb"].append(timer.elapsed_us(n[1], n[2]))
+    at.check()
+    at.destroy()
+    return samples
+
+
+def _bench_baseline(shape, rank, world_size, device, group, iters, warmup, timer):
+    from pplx.moe import baseline as B
+    from pplx.moe import layout as L
+
+    x, xs, idx, w = _inputs(shape, rank, world_size, device, seed=1)
+    S = L.hidden_dim_scale(shape.hidden)
+    e_local = shape.experts // world_size
+    rows = L.max_recv_tokens(shape.tokens, world_size, shape.topk, e_local, 1)
+    ent = torch.zeros(e_local, dtype=torch.int32, device=device)
+    ex = torch.zeros(rows, shape.hidden, dtype=FP8, device=device)
+    exs = torch.zeros(rows, S, device=device)
+    y = torch.randn(rows, shape.hidden, device=device).to(torch.bfloat16)
+    out = torch.zeros(shape.tokens, shape.hidden, dtype=torch.bfloat16, device=device)
+    samples: dict[str, list[float]] = {"disp": [], "comb": []}
+    for i in range(warmup + iters):
+        timer.start_iteration()
+        a = timer.mark()
+        plan = B.baseline_dispatch(ent, ex, exs, x, xs, idx, shape.experts, 1, group=group)
+        b = timer.mark()
+        B.baseline_combine(out, w, y, plan, group=group)
+        c = timer.mark()
+        timer.finish()
+        if i >= warmup:
+            samples["disp"].append(timer.elapsed_us(a, b))
+            samples["comb"].append(timer.elapsed_us(b, c))
+    return samples
+
+
+def _bench_torch_backend(shape, rank, world_size, device, group, iters, warmup, timer):
+    from pplx.moe import AllToAll
+
+    x, xs, idx, w = _inputs(shape, rank, world_size, device, seed=1)
+    a2a = AllToAll(
+        shape.tokens,
+        shape.experts,
+        1,
+        shape.hidden,
+        xs.shape[1],
+        FP8,
+        torch.bfloat16,
+        torch.float32,
+        shape.topk,
+        group=group,
+        device=device,
+        backend="torch",
+    )
+    outs = a2a.alloc_dispatch_outputs()
+    y = a2a.alloc_expert_y().normal_()
+    out = a2a.alloc_combine_output()
+    samples: dict[str, list[float]] = {"disp": [], "comb": []}
+    for i in range(warmup + iters):
+        timer.start_iteration()
+        a = timer.mark()
+        a2a.dispatch(outs.expert_num_tokens, outs.expert_x, outs.expert_x_scale, x, xs, idx, w)
+        b = timer.mark()
+        a2a.combine(out, idx, w, y)
+        c = timer.mark()
+        timer.finish()
+        if i >= warmup:
+            samples["disp"].append(timer.elapsed_us(a, b))
+            samples["comb"].append(timer.elapsed_us(b, c))
+    a2a.destroy()
+    return samples
+
+
+def _bench_payload(shape, rank, world_size, device, group, iters, warmup, timer):
+    """all_to_all_single of the payload alone: T*K rows split evenly over ranks."""
+    from pplx.moe import layout as L
+
+    S = L.hidden_dim_scale(shape.hidden)
+    n = shape.tokens * shape.topk
+    n -= n % world_size
+    d_bytes = shape.hidden + 4 * S  # fp8 row + f32 scales
+    send_d = torch.randint(0, 255, (n, d_bytes), dtype=torch.uint8, device=device)
+    recv_d = torch.empty_like(send_d)
+    send_c = torch.randn(n, shape.hidden, device=device).to(torch.bfloat16)
+    recv_c = torch.empty_like(send_c)
+    samples: dict[str, list[float]] = {"disp": [], "comb": []}
+    for i in range(warmup + iters):
+        timer.start_iteration()
+        a = timer.mark()
+        dist.all_to_all_single(recv_d, send_d, group=group)
+        b = timer.mark()
+        dist.all_to_all_single(recv_c, send_c, group=group)
+        c = timer.mark()
+        timer.finish()
+        if i >= warmup:
+            samples["disp"].append(timer.elapsed_us(a, b))
+            samples["comb"].append(timer.elapsed_us(b, c))
+    return samples
+
+
+def _peer_copy_gbps(rank, world_size, device, iters: int) -> float:
+    """One-way copy bandwidth to the next rank (all ranks copy at once), GB/s."""
+    if device.type != "cuda" or world_size < 2:
+        return float("nan")
+    peer = torch.device("cuda", (device.index + 1) % torch.cuda.device_count())
+    nbytes = 256 << 20
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=peer)
+    best = []
+    for i in range(iters + 2):
+        dist.barrier()
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src, non_blocking=True)
+        b.record()
+        torch.cuda.synchronize(device)
+        if i >= 2:
+            best.append(nbytes / (a.elapsed_time(b) * 1e-3) / 1e9)
+    del dst
+    return float(torch.tensor(best).median())
+
+
+# ------------------------------------------------------------------------------- driver
+
+
+def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> list[Row] | None:
+    cuda = torch.cuda.is_available() and not args.cpu
+    if not cuda:
+        # The interpreter must be chosen before the kernel modules are imported.
+        os.environ["TRITON_INTERPRET"] = "1"
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    group = None
+    timer = _Timer(device, group)
+    provider = "nvlink" if cuda else "shm"
+    gbps = _peer_copy_gbps(rank, world_size, device, 5)
+    gb = torch.tensor([gbps], dtype=torch.float64, device=device)
+    dist.all_reduce(gb, op=dist.ReduceOp.MIN)  # the slowest link bounds the all-to-all
+    gbps = float(gb.item())
+    rows: list[Row] = []
+    impls = ["triton", "baseline", "payload"] + ([] if cuda else ["torch"])
+    impls = [i for i in impls if i in args.impls]
+    for shape in _shapes(args.quick, args.cases):
+        from pplx.moe import layout as L
+
+        S = L.hidden_dim_scale(shape.hidden)
+        _, _, idx, _ = _inputs(shape, rank, world_size, torch.device("cpu"), seed=1)
+        e_local = shape.experts // world_size
+        d_row = shape.hidden + 4 * S
+        d_slot, d_tok = _remote_bytes(idx, rank, e_local, d_row, world_size)
+        c_slot, c_tok = _remote_bytes(idx, rank, e_local, 2 * shape.hidden, world_size)
+        d_tok += d_tok // d_row * 12 * shape.topk  # + the (expert, q, weight) records
+        byt = torch.tensor([d_slot, d_tok, c_slot, c_tok], dtype=torch.float64, device=device)
+        dist.all_reduce(byt, op=dist.ReduceOp.MAX)  # the busiest rank bounds the phase
+        d_slot, d_tok, c_slot, c_tok = (int(v) for v in byt.tolist())
+        results: dict[str, dict[str, list[float]]] = {}
+        bench = {
+            "triton": _bench_triton,
+            "baseline": _bench_baseline,
+            "payload": _bench_payload,
+            "torch": _bench_torch_backend,
+        }
+        for impl in impls:
+            s = bench[impl](shape, rank, world_size, device, group, args.iters, args.warmup, timer)
+            results[impl] = _slowest(s, group)
+        if rank != 0:
+            continue
+        base = results.get("baseline", {})
+        base_p50 = {k: percentiles(v)[0] for k, v in base.items()}
+        common = dict(
+            bench="moe",
+            case=shape.name,
+            provider=provider,
+            ranks=world_size,
+            ranks_per_node=world_size,
+            shape=shape.label(),
+        )
+        phase_bytes = {
+            "disp": d_tok,
+            "ds": d_tok,
+            "dr": d_tok,
+            "comb": c_tok,
+            "cs": c_tok,
+            "cr": c_tok,
+        }
+        names = {
+            "disp": "dispatch",
+            "ds": "dispatch-send",
+            "dr": "dispatch-recv",
+            "comb": "combine",
+            "cs": "combine-send",
+            "cr": "combine-recv",
+        }
+        for impl, samples in results.items():
+            for key, vals in samples.items():
+                p50, p20, p80 = percentiles(vals)
+                phase = "disp" if key in ("disp", "ds", "dr") else "comb"
+                nbytes = (
+                    phase_bytes[key]
+                    if impl == "triton"
+                    else (d_slot if phase == "disp" else c_slot)
+                )
+                rows.append(
+                    Row(
+                        impl=f"{impl}:{names[key]}",
+                        p50_us=p50,
+                        p20_us=p20,
+                        p80_us=p80,
+                        dtype="fp8" if phase == "disp" else "bf16",
+                        bytes=nbytes,
+                        gbps_nvlink=nbytes / (p50 * 1e-6) / 1e9 if cuda and p50 > 0 else 0.0,
+                        baseline="baseline" if base_p50 else "",
+                        ratio=base_p50[phase] / p50 if base_p50 and p50 > 0 else float("nan"),
+                        notes=f"iters={args.iters}",
+                        **common,
+                    )
+                )
+        if cuda and gbps == gbps:
+            for label, d_b, c_b in (("floor", d_slot, c_slot), ("floor-dedup", d_tok, c_tok)):
+                for phase, b in (("dispatch", d_b), ("combine", c_b)):
+                    us = b / (gbps * 1e9) * 1e6
+                    rows.append(
+                        Row(
+                            impl=f"{label}:{phase}",
+                            p50_us=us,
+                            p20_us=us,
+                            p80_us=us,
+                            bytes=b,
+                            gbps_nvlink=gbps,
+                            notes="remote bytes / peer-copy",
+                            dtype="fp8" if phase == "dispatch" else "bf16",
+                            **common,
+                        )
+                    )
+            rows.append(
+                Row(
+                    impl="peer-copy",
+                    p50_us=(256 << 20) / (gbps * 1e9) * 1e6,
+                    p20_us=float("nan"),
+                    p80_us=float("nan"),
+                    bytes=256 << 20,
+                    gbps_nvlink=gbps,
+                    notes="one-way, all ranks at once",
+                    **common,
+                )
+            )
+    return rows if rank == 0 else None
+
+
+def _spawned(rank: int, world_size: int, args: argparse.Namespace):
+    return _rank_main(rank, world_size, args)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m pplx.bench moe",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--ranks", type=int, default=None, help="spawn this many ranks")
+    p.add_argument("--cases", default="decode,prefill", help="comma list: decode,prefill")
+    p.add_argument("--impls", default="triton,baseline,payload,torch")
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run)")
+    p.add_argument("--cpu", action="store_true", help="force CPU (gloo, interpreter)")
+    p.add_argument("--csv", default=DEFAULT_CSV, help="CSV to append to ('' for none)")
+    args = p.parse_args(argv)
+    args.cases = [c for c in args.cases.split(",") if c]
+    args.impls = [c for c in args.impls.split(",") if c]
+    if not torch.cuda.is_available():
+        args.cpu = True
+    if args.cpu and not args.quick:
+        print("# no CUDA: using --quick shapes")
+        args.quick = True
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    backend = "gloo" if args.cpu else "nccl"
+    if args.ranks is None and "RANK" in os.environ:
+        dist.init_process_group(backend)
+        rows = _rank_main(dist.get_rank(), dist.get_world_size(), args)
+        dist.destroy_process_group()
+    else:
+        from pplx.moe import testing as mt
+
+        world_size = args.ranks or (torch.cuda.device_count() if not args.cpu else 2)
+        rows = mt.spawn(_spawned, world_size, (args,), timeout_s=1800.0, backend=backend)[0]
+    if rows is not None:
+        emit(rows, args.csv or None)
+    return 0
