@@ -133,6 +133,10 @@ static int pick_infos(struct pplx_engine *e, struct fi_info *list)
 				 "provider '%s' carries %zu bytes of remote CQ data; 4 are needed",
 				 e->provider, e->dom[0].info->domain_attr->cq_data_size);
 	e->mr_mode = e->dom[0].info->domain_attr->mr_mode;
+	e->max_msg = UINT64_MAX;
+	for (int d = 0; d < e->n; d++)
+		if (e->dom[d].info->ep_attr->max_msg_size < e->max_msg)
+			e->max_msg = e->dom[d].info->ep_attr->max_msg_size;
 	snprintf(e->provider, sizeof(e->provider), "%s", e->dom[0].info->fabric_attr->prov_name);
 	return 0;
 }

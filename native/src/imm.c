@@ -91,6 +91,8 @@ void imm_release_held(struct pplx_engine *e, bool all, bool *did)
 	}
 }
 
+/* Wait until cond(arg); the caller counts itself in e->waiters for its whole
+ * call, so that pplx_engine_destroy waits for it to leave. */
 int engine_wait_cond(struct pplx_engine *e, bool (*cond)(void *), void *arg, int64_t timeout_us)
 {
 	uint64_t start = pplx_now_ns(), now = start;
@@ -98,7 +100,6 @@ int engine_wait_cond(struct pplx_engine *e, bool (*cond)(void *), void *arg, int
 	uint64_t spin_ns = (uint64_t)e->cfg.spin_us * 1000;
 	int rc;
 
-	atomic_fetch_add(&e->waiters, 1);
 	/* Spin first: a completion usually lands within microseconds, and a
 	 * condition-variable wake-up costs more than that. While spinning, this
 	 * thread drives progress itself (the progress thread steps aside), so a
@@ -155,7 +156,6 @@ int engine_wait_cond(struct pplx_engine *e, bool (*cond)(void *), void *arg, int
 	}
 	pthread_mutex_unlock(&e->lock);
 out:
-	atomic_fetch_sub(&e->waiters, 1);
 	return rc;
 }
 
@@ -197,7 +197,8 @@ static bool imm_reached(void *p)
 	return __atomic_load_n(a->counter, __ATOMIC_ACQUIRE) >= a->n;
 }
 
-int pplx_imm_wait(struct pplx_engine *e, uint32_t imm, uint64_t n, int consume, int64_t timeout_us)
+static int imm_wait(struct pplx_engine *e, uint32_t imm, uint64_t n, int consume,
+		    int64_t timeout_us)
 {
 	struct imm_wait_arg a;
 	uint64_t start = pplx_now_ns();
@@ -232,6 +233,16 @@ int pplx_imm_wait(struct pplx_engine *e, uint32_t imm, uint64_t n, int consume, 
 		}
 		engine_unlock(e); /* another consumer was first: wait again */
 	}
+}
+
+int pplx_imm_wait(struct pplx_engine *e, uint32_t imm, uint64_t n, int consume, int64_t timeout_us)
+{
+	int rc;
+
+	atomic_fetch_add(&e->waiters, 1); /* destroy waits for us */
+	rc = imm_wait(e, imm, n, consume, timeout_us);
+	atomic_fetch_sub(&e->waiters, 1);
+	return rc;
 }
 
 int pplx_imm_consume(struct pplx_engine *e, uint32_t imm, uint64_t n)
@@ -295,7 +306,9 @@ int pplx_wait_u64(struct pplx_engine *e, const uint64_t *addr, uint64_t value, i
 		return pplx_fail(PPLX_ERR_INVALID, "addr is NULL");
 	if (atomic_load(&e->closed))
 		return pplx_fail(PPLX_ERR_CLOSED, "engine is closed");
+	atomic_fetch_add(&e->waiters, 1);
 	rc = engine_wait_cond(e, u64_equal, &a, timeout_us);
+	atomic_fetch_sub(&e->waiters, 1);
 	if (rc == PPLX_ERR_TIMEOUT)
 		return pplx_fail(rc, "word at %p is %lu, not %lu, after %ld us", (const void *)addr,
 				 (unsigned long)__atomic_load_n(addr, __ATOMIC_ACQUIRE),

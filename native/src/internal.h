@@ -116,6 +116,7 @@ struct pplx_engine {
 	int n;
 	struct pplx_domain dom[PPLX_MAX_DOMAINS];
 	uint64_t mr_mode;
+	uint64_t max_msg; /* largest single op (ep_attr->max_msg_size, all domains) */
 	bool has_hmem;
 
 	pthread_mutex_t lock;

@@ -168,7 +168,7 @@ static bool have_msg(void *arg)
 	return __atomic_load_n(&e->ready_count, __ATOMIC_ACQUIRE) > 0;
 }
 
-int64_t pplx_recv(struct pplx_engine *e, void *buf, uint64_t cap, int64_t timeout_us)
+static int64_t recv_msg(struct pplx_engine *e, void *buf, uint64_t cap, int64_t timeout_us)
 {
 	uint64_t start = pplx_now_ns();
 	uint32_t slot;
@@ -205,4 +205,14 @@ int64_t pplx_recv(struct pplx_engine *e, void *buf, uint64_t cap, int64_t timeou
 	op_submit(e, &e->recv_ops[slot]);
 	engine_unlock(e);
 	return (int64_t)len;
+}
+
+int64_t pplx_recv(struct pplx_engine *e, void *buf, uint64_t cap, int64_t timeout_us)
+{
+	int64_t rc;
+
+	atomic_fetch_add(&e->waiters, 1); /* destroy waits for us */
+	rc = recv_msg(e, buf, cap, timeout_us);
+	atomic_fetch_sub(&e->waiters, 1);
+	return rc;
 }

@@ -226,6 +226,15 @@ static int check_dst(struct pplx_engine *e, struct pplx_rdesc *d, uint64_t off, 
 	return 0;
 }
 
+static int check_op_len(struct pplx_engine *e, uint64_t len, const char *what)
+{
+	if (len > e->max_msg)
+		return pplx_fail(PPLX_ERR_INVALID,
+				 "%s of %lu bytes exceeds the provider's max_msg_size %lu: split it",
+				 what, (unsigned long)len, (unsigned long)e->max_msg);
+	return 0;
+}
+
 static int req_new(struct pplx_engine *e, struct pplx_req **out)
 {
 	struct pplx_req *r = calloc(1, sizeof(*r));
@@ -308,12 +317,14 @@ int pplx_write(struct pplx_engine *e, struct pplx_mr *src, uint64_t src_offset,
 	if ((rc = check_engine(e)) || (rc = check_src(e, src, src_offset, len)) ||
 	    (rc = check_dst(e, dst, dst_offset, len)))
 		return rc;
-	if ((rc = begin(e, &r)))
-		return rc;
 	shards = pplx_engine_num_shards(e, len);
 	/* Shards of a multiple of 64 bytes (cache lines); the last takes the
 	 * rest. threshold >= 64 * n makes every shard non-empty. */
 	chunk = shards > 1 ? (len / shards) & ~63ull : len;
+	if ((rc = check_op_len(e, len - (shards - 1) * chunk, "a write shard")))
+		return rc;
+	if ((rc = begin(e, &r)))
+		return rc;
 	for (int i = 0; i < shards && !rc; i++) {
 		uint64_t off = i * chunk;
 		uint64_t l = i == shards - 1 ? len - off : chunk;
@@ -340,6 +351,8 @@ int pplx_write_paged(struct pplx_engine *e, struct pplx_mr *src, struct pplx_rde
 		return rc;
 	if (num_pages && (!src_idx || !dst_idx))
 		return pplx_fail(PPLX_ERR_INVALID, "page index arrays are NULL");
+	if ((rc = check_op_len(e, page_len, "a page")))
+		return rc;
 	/* Strides and indices are < 2^32 and 2^64 / 2^32: products of a 32-bit
 	 * index and a stride below 2^32 cannot overflow; larger strides are
 	 * checked by dividing back. */
@@ -387,7 +400,8 @@ int pplx_write_scatter(struct pplx_engine *e, struct pplx_mr *src, uint32_t num_
 		return pplx_fail(PPLX_ERR_INVALID, "dsts is NULL");
 	for (uint32_t i = 0; i < num_dsts; i++) {
 		if ((rc = check_src(e, src, dsts[i].src_offset, dsts[i].len)) ||
-		    (rc = check_dst(e, dsts[i].rdesc, dsts[i].dst_offset, dsts[i].len)))
+		    (rc = check_dst(e, dsts[i].rdesc, dsts[i].dst_offset, dsts[i].len)) ||
+		    (rc = check_op_len(e, dsts[i].len, "a scatter range")))
 			return pplx_fail(rc, "scatter destination %u: %s", i, pplx_last_error());
 	}
 	if ((rc = begin(e, &r)))
@@ -451,8 +465,11 @@ int pplx_req_wait(struct pplx_req *r, int64_t timeout_us)
 	int rc = 0;
 
 	/* A complete request never touches its engine (which may be gone). */
-	if (!req_complete(r))
+	if (!req_complete(r)) {
+		atomic_fetch_add(&r->e->waiters, 1);
 		rc = engine_wait_cond(r->e, req_complete, r, timeout_us);
+		atomic_fetch_sub(&r->e->waiters, 1);
+	}
 	if (rc == PPLX_ERR_CLOSED && req_complete(r))
 		rc = 0;
 	if (rc)
