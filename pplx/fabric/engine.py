@@ -251,7 +251,7 @@ class TransferEngine:
         msg_size: int = 8192,
         num_send_slots: int = 64,
         num_recv_slots: int = 64,
-        spin_us: int = 200,
+        spin_us: int = 1000,
         sleep_us: int = 20,
         hmem: bool = False,
     ):
