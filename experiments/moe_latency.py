@@ -61,18 +61,18 @@ def design_measured(workload_name: str) -> list[dict]:
 
 
 def our_measured(workload: Workload, path: str = MOE_CSV) -> list[dict]:
-    """Rows of this repository's MoE benchmark (`python -m pplx.bench moe`) for this token
-    count: the latest p50 per (ranks, phase, impl, device). [] when none were recorded."""
+    """Rows of this repository's MoE benchmark (`python -m pplx.bench moe`) whose shape is
+    exactly this workload ("T128 H7168 K8 E256"): the latest p50 per (ranks, phase, impl,
+    device) of whole dispatch / combine calls (impl "triton:dispatch", "baseline:combine",
+    "floor:dispatch", ...; split halves and peer copies are left out). [] when none."""
+    w = workload
+    label = f"T{w.num_tokens} H{w.hidden_dim} K{w.num_experts_per_token} E{w.num_experts}"
     latest: dict[tuple, dict] = {}
     for r in read_rows(path):
-        text = f"{r.get('case', '')} {r.get('impl', '')}".lower()
-        phase = "dispatch" if "dispatch" in text else "combine" if "combine" in text else None
-        shape = r.get("shape", "")
-        if phase is None or not shape.startswith(f"{workload.num_tokens}x"):
-            if phase is None or f"T={workload.num_tokens}" not in shape:
-                continue
-        key = (int(r["ranks"]), phase, r.get("impl", ""), r.get("device", ""))
-        latest[key] = r
+        impl, _, phase = r.get("impl", "").partition(":")
+        if r.get("shape", "") != label or phase not in ("dispatch", "combine"):
+            continue
+        latest[(int(r["ranks"]), phase, impl, r.get("device", ""))] = r
     return [
         {
             "ep": ep,

@@ -35,13 +35,24 @@ def _rows(path: str) -> list[dict]:
         return list(csv.DictReader(line for line in f if not line.startswith("#")))
 
 
+@pytest.fixture(scope="module")
+def quick_root(tmp_path_factory):
+    """Every experiment's --quick run, once, into one temporary results root."""
+    root = tmp_path_factory.mktemp("results")
+    for name in sorted(CASES):
+        assert (
+            importlib.import_module(f"experiments.{name}").main(["--quick", "--out", str(root)])
+            == 0
+        )
+    return root
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_quick_mode_writes_outputs(name, tmp_path):
+def test_quick_mode_writes_outputs(name, quick_root):
     mod = importlib.import_module(f"experiments.{name}")
     assert mod.__doc__ and "Command:" in mod.__doc__ and "Sources:" in mod.__doc__
-    assert mod.main(["--quick", "--out", str(tmp_path)]) == 0
     for rel in CASES[name]:
-        path = tmp_path / rel
+        path = quick_root / rel
         assert path.exists() and path.stat().st_size > 0, rel
         if rel.endswith(".png"):
             assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", rel
@@ -49,23 +60,40 @@ def test_quick_mode_writes_outputs(name, tmp_path):
             assert len(_rows(str(path))) > 0, rel
 
 
-def test_decode_error_table_within_target(tmp_path):
+def test_decode_error_table_within_target(quick_root):
     """The per-cell error table the decode experiment writes meets the 20% target."""
-    importlib.import_module("experiments.moe_decode").main(["--quick", "--out", str(tmp_path)])
-    rows = _rows(os.path.join(tmp_path, "moe_decode", "model_error.csv"))
+    rows = _rows(os.path.join(quick_root, "moe_decode", "model_error.csv"))
     assert len(rows) == 16
     for r in rows:
         if not r["anomalous"]:
             assert abs(float(r["error_pct"])) < 20, r
 
 
-def test_rl_weights_measured_run_is_bit_exact(tmp_path):
-    importlib.import_module("experiments.rl_weights").main(["--quick", "--out", str(tmp_path)])
-    rows = _rows(os.path.join(tmp_path, "rl_weights", "rl_weights_measured.csv"))
+def test_rl_weights_measured_run_is_bit_exact(quick_root):
+    rows = _rows(os.path.join(quick_root, "rl_weights", "rl_weights_measured.csv"))
     memcpy = [r for r in rows if r["impl"] == "memcpy"][0]
     assert memcpy["bit_exact"] == "True" and float(memcpy["p50_s"]) > 0
-    model = _rows(os.path.join(tmp_path, "rl_weights", "rl_weights_model.csv"))
+    model = _rows(os.path.join(quick_root, "rl_weights", "rl_weights_model.csv"))
     # More replicas of the same 128 GPUs -> more bytes per receiving GPU -> never faster.
     for nic in ("cx7", "efa"):
         t = [float(r["time_s"]) for r in model if r["nic"] == nic]
         assert t == sorted(t), t
+
+
+def test_measured_moe_rows_are_parsed(tmp_path):
+    """Whole-call rows of the decode shape are picked, split halves and other shapes not."""
+    from experiments.moe_latency import our_measured
+    from pplx.bench.common import Row, write_csv
+    from pplx.sim import DECODE
+
+    shape = "T128 H7168 K8 E256"
+    rows = [
+        Row("moe", "decode", "triton:dispatch", 55.0, 50.0, 60.0, ranks=2, shape=shape),
+        Row("moe", "decode", "triton:dispatch-send", 20.0, 19.0, 21.0, ranks=2, shape=shape),
+        Row("moe", "decode", "baseline:combine", 99.0, 90.0, 110.0, ranks=4, shape=shape),
+        Row("moe", "decode", "triton:dispatch", 5e3, 5e3, 5e3, ranks=2, shape="T8 H256 K2 E8"),
+    ]
+    path = str(tmp_path / "moe.csv")
+    write_csv(rows, path)
+    got = sorted((r["ep"], r["phase"], r["system"], r["us"]) for r in our_measured(DECODE, path))
+    assert got == [(2, "dispatch", "ours_triton", 55.0), (4, "combine", "ours_baseline", 99.0)]
