@@ -157,6 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len({p[0] for p in pts}) >= 3:
             lat, bw = fit_latency_bandwidth(pts)
             errs = [abs((lat + b / (bw * 1e3)) / t - 1) for b, t in pts]
+            if not (lat > 0 and 0 < bw < float("inf")) or max(errs) > 0.5:
+                # Times that do not grow with bytes (a loaded machine): no meaningful fit.
+                print(f"fit {prov:6s} {mode:24s} rejected (per write {lat:.2f} us, bw {bw} GB/s)")
+                continue
             fits.append(
                 {
                     "provider": prov,
@@ -171,8 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"fit {prov:6s} {mode:24s} per write {lat:7.2f} us  bw {bw:7.2f} GB/s  "
                 f"max err {100 * max(errs):5.1f}%"
             )
+    fit_path = f"{d}/p2p_fit.csv"
     if fits:
-        write_rows(f"{d}/p2p_fit.csv", fits)
+        write_rows(fit_path, fits)
+    elif os.path.exists(fit_path):
+        os.remove(fit_path)  # a stale fit of older measurements would mislead
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.8))
