@@ -477,9 +477,9 @@ def _pplx_body(rank: int, port: int, cfg: FabricBenchConfig, q) -> None:
             )
 
         def rep(n: int, length: int, src_offs: Sequence[int], dst_offs: Sequence[int]) -> float:
-            """One bw/paged rep (see run_rep in raw_bench.c); the sender's microseconds."""
+            """One bw rep (see run_rep in raw_bench.c); the sender's microseconds."""
             if rank == 1:
-                expected[IMM_DATA] += n
+                expected[IMM_DATA] += n * eng.num_shards(length)  # 1 unless num_domains > 1
                 data_ctr.wait(expected[IMM_DATA], timeout=timeout)
                 write(0, 0, LAT_BYTES, IMM_ACK).wait(timeout=timeout)
                 return 0.0
