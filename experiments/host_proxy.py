@@ -92,12 +92,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         axes[1].plot(
             [r["ep"] for r in sel],
             [r["total_us"] for r in sel],
+            color=f"C{i}",
             marker="o",
             label=f"{kind} {phase}, C proxy",
         )
         axes[1].plot(
             [r["ep"] for r in py],
             [r["total_us"] for r in py],
+            color=f"C{i}",
             marker="x",
             ls="--",
             label=f"{kind} {phase}, Python proxy",

@@ -8,6 +8,7 @@ Runtime:  about 3 s (the fit, 16 model evaluations per EP, a figure).
 Sources:  experiments/paper_data/pplx_garden_decode.csv (pplx-garden README, commit
           2446003), experiments/paper_data/design_measured.csv (DESIGN.md, H100, 2026-11).
 Outputs:  moe_decode/moe_decode.csv (every plotted point, with its source),
+          moe_decode/single_node.csv (EP2/EP4: model vs measured H100 numbers),
           moe_decode/model_error.csv and .md (per-cell error of the model, refit here),
           moe_decode/moe_decode.png.
 Setting:  128 tokens per rank, hidden 7168, 256 experts, top-8, fp8 dispatch, bf16 combine.
@@ -81,6 +82,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"max |error| of the presets over the {len(err_rows)} modelled cells: {worst:.1f}%")
     if f is not None:
         print("refit:", {k: round(v, 3) for k, v in f.values.items()})
+
+    # One node (EP2/EP4, NVLink only): the model next to what was measured on H100s.
+    single = []
+    for ep in (2, 4):
+        for phase in ("dispatch", "combine"):
+            cell = {"ep": ep, "phase": phase}
+            for r in rows:
+                if r["ep"] == ep and r["phase"] == phase and r["system"] != "model_efa":
+                    cell[r["system"]] = r["us"]
+            single.append(cell)
+    write_rows(f"{d}/single_node.csv", single, "EP2/EP4 on one node: model vs measured, us")
+    print(
+        "one node (us): "
+        + "; ".join(
+            ", ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}" for k, v in c.items())
+            for c in single
+        )
+    )
 
     note = (
         "model: pplx.sim, calibrated on the published cells (max error "

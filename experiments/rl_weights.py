@@ -152,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     axes[0].set_ylabel("weight update time (s)")
     axes[0].set_title(f"{total / 1e12:.2f}T params, 256 -> 128 GPUs, static schedule")
     axes[0].legend(fontsize=8)
-    labels = [r["impl"] for r in meas_rows] + ["model: one 7 GB/s link", "model: per-rank links"]
+    labels = [r["impl"].replace(" ", "\n") for r in meas_rows]
+    labels += ["model:\none 7 GB/s link", "model:\nper-rank links"]
     vals = [r["p50_s"] * 1e3 for r in meas_rows] + [one_link_s * 1e3, est.time_s * 1e3]
     axes[1].bar(labels, vals, color=["tab:gray", "tab:green", "tab:purple", "tab:pink"])
     axes[1].tick_params(axis="x", labelsize=7)
