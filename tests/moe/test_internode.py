@@ -98,6 +98,7 @@ def _run_case(rank: int, world: int, seed: int, c: Case) -> dict:
     info = {"overflowed": False}
     if isinstance(a2a._impl, InterNodeAllToAll):
         info["fabric_path"] = a2a._impl.fabric_path if a2a._impl.engine else "none"
+        info["poster"] = a2a._impl._poster.name if a2a._impl._poster else "none"
     with a2a:
         for it in range(c.iters):
             inputs = TT.random_group_inputs(
@@ -215,7 +216,16 @@ CASES_4 = [
     Case("2x2 tcp, accumulate, uneven T", 2, tokens=(4, 0, 6, 3), accumulate=True, provider="tcp"),
     Case("1x4 (one node: torch backend)", 4, tokens=5, fp8=True),
     Case("1x4 InterNodeAllToAll itself (no fabric)", 4, tokens=5, direct=True, split=True),
-    Case("2x2 every slot to expert 0", 2, tokens=6, topk=2, distinct=False, one_expert=True),
+    Case(
+        "2x2 every slot to expert 0, writes through the C host proxy",
+        2,
+        tokens=6,
+        topk=2,
+        distinct=False,
+        one_expert=True,
+        proxy=True,
+        iters=2,
+    ),
 ]
 CASES_3 = [
     Case(
@@ -280,6 +290,8 @@ def test_internode_world4_splits_2x2_4x1_1x4():
     # The overflow path ran (2x2 case with Q = 2, 8 tokens x top-3 spread over 4 ranks).
     assert any(i[0]["overflowed"] for i in infos), infos
     assert all(i[0].get("fabric_path") == "host memory" for i in infos), infos
+    assert [i[0]["poster"] for i in infos] == ["python"] * 4, infos
+    assert [i[-1]["poster"] for i in infos] == ["proxy"] * 4, infos
     for _, msgs in results:
         assert "ranks_per_node (3) must divide the world size (4)" in msgs[0], msgs
         # 3 remote ranks x (8 x 2 slots - 4 private) = 36 rows needed.
