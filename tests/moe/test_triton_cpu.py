@@ -27,7 +27,8 @@ def _cases(world_size: int):
             # (constructor kwargs, cases run on that object, in order)
             (
                 # block_tokens=2: several programs per kernel, so the prefix sums over
-                # earlier token chunks and the cross-program counters are exercised.
+                # earlier token chunks (count kernel path: fused_prefix=False) and the
+                # cross-program counters are exercised.
                 dict(
                     max_num_tokens=6,
                     num_experts=8,
@@ -36,6 +37,7 @@ def _cases(world_size: int):
                     in_dtype=torch.bfloat16,
                     num_experts_per_token=3,
                     block_tokens=2,
+                    fused_prefix=False,
                 ),
                 [
                     Case("bf16 basic, 2 iterations reuse the buffers", 6, 64, 8, 3, iters=2),
@@ -71,6 +73,7 @@ def _cases(world_size: int):
                     hidden_dim=256,
                     in_dtype=FP8,
                     num_experts_per_token=3,
+                    block_tokens=2,  # fused prefix (default for small T) over 3 chunks
                 ),
                 [
                     Case("fp8 + scales, padding 16", 5, 256, 8, 3, FP8, 16, iters=2),

@@ -111,6 +111,8 @@ def _dispatch_send_kernel(
     S_PAD: tl.constexpr,
     WORD: tl.constexpr,
     MAX_SPIN: tl.constexpr,
+    FUSED_PREFIX: tl.constexpr,
+    PB: tl.constexpr,
 ):
     c = tl.program_id(0)
     d = tl.program_id(1)
@@ -123,16 +125,30 @@ def _dispatch_send_kernel(
     # Prefix over earlier chunks: slots per expert of d and tokens reaching d before chunk c.
     base_q = tl.zeros([E_LOCAL_PAD], dtype=tl.int32)
     base_p = tl.program_id(0) * 0
-    for c0 in range(0, c, CB):
-        cc = c0 + tl.arange(0, CB)  # [CB]
-        c_ok = cc < c
-        blk = tl.load(
-            chunk_counts_ptr + cc[:, None] * (R * E_LOCAL) + d * E_LOCAL + cols[None, :],
-            mask=c_ok[:, None] & (cols[None, :] < E_LOCAL),
-            other=0,
-        )  # [CB, E_L]
-        base_q += tl.sum(blk, axis=0)
-        base_p += tl.sum(tl.load(chunk_hits_ptr + cc * R + d, mask=c_ok, other=0), axis=0)
+    if FUSED_PREFIX:
+        # Small T (decode): recount the earlier tokens here instead of a count kernel.
+        for t0 in range(0, c * BT, PB):
+            tt = t0 + tl.arange(0, PB)
+            tt_ok = (tt < c * BT) & (tt < m)
+            hit_p = tl.zeros([PB], dtype=tl.int32)
+            for k in tl.static_range(K):
+                g = tl.load(indices_ptr + tt * stride_it + k, mask=tt_ok, other=0).to(tl.int32)
+                on = tt_ok & (g >= d * E_LOCAL) & (g < (d + 1) * E_LOCAL)
+                oh = ((g - d * E_LOCAL)[:, None] == cols[None, :]) & on[:, None]
+                base_q += tl.sum(oh.to(tl.int32), axis=0)
+                hit_p = tl.maximum(hit_p, on.to(tl.int32))
+            base_p += tl.sum(hit_p, axis=0)
+    else:
+        for c0 in range(0, c, CB):
+            cc = c0 + tl.arange(0, CB)  # [CB]
+            c_ok = cc < c
+            blk = tl.load(
+                chunk_counts_ptr + cc[:, None] * (R * E_LOCAL) + d * E_LOCAL + cols[None, :],
+                mask=c_ok[:, None] & (cols[None, :] < E_LOCAL),
+                other=0,
+            )  # [CB, E_L]
+            base_q += tl.sum(blk, axis=0)
+            base_p += tl.sum(tl.load(chunk_hits_ptr + cc * R + d, mask=c_ok, other=0), axis=0)
 
     t = c * BT + tl.arange(0, BT)  # [BT]
     t_ok = t < m
@@ -288,28 +304,23 @@ def _dispatch_recv_kernel(
 
     # Fan out: read each received row once, store it to its K' rows of expert_x.
     src = peer_ptr(table_ptr, rank, off_rows, WORD) + (s * T_MAX + j)[:, None] * ROW_WORDS
-    dst = expert_x_ptr + row[:, :, None] * stride_xr  # [RB, K, 1]
     for w0 in range(0, W, BLOCK_W):
         wo = w0 + tl.arange(0, BLOCK_W)
-        v = tl.load(
-            src + wo[None, :], mask=j_ok[:, None] & (wo[None, :] < W), cache_modifier=".cg"
-        )  # [RB, BLOCK_W]
-        ok = on[:, :, None] & (wo[None, None, :] < W)
-        tl.store(
-            dst + wo[None, None, :], tl.broadcast_to(v[:, None, :], (RB, K_PAD, BLOCK_W)), mask=ok
-        )
+        w_ok = wo[None, :] < W
+        v = tl.load(src + wo[None, :], mask=j_ok[:, None] & w_ok, cache_modifier=".cg")
+        for k in tl.static_range(K):
+            row_k = tl.sum(tl.where(kk[None, :] == k, row, 0), axis=1)  # [RB]
+            dst = expert_x_ptr + row_k[:, None] * stride_xr + wo[None, :]
+            tl.store(dst, v, mask=(row_k >= 0)[:, None] & w_ok)
     if HAS_SCALE:
         so = tl.arange(0, S_PAD)
+        s_ok = so[None, :] < S
         ssrc = peer_ptr(table_ptr, rank, off_scales, tl.int32) + (s * T_MAX + j)[:, None] * S
-        sv = tl.load(
-            ssrc + so[None, :], mask=j_ok[:, None] & (so[None, :] < S), cache_modifier=".cg"
-        )
-        sdst = expert_xs_ptr + row[:, :, None] * stride_sr + so[None, None, :]
-        tl.store(
-            sdst,
-            tl.broadcast_to(sv[:, None, :], (RB, K_PAD, S_PAD)),
-            mask=on[:, :, None] & (so[None, None, :] < S),
-        )
+        sv = tl.load(ssrc + so[None, :], mask=j_ok[:, None] & s_ok, cache_modifier=".cg")
+        for k in tl.static_range(K):
+            row_k = tl.sum(tl.where(kk[None, :] == k, row, 0), axis=1)
+            sdst = expert_xs_ptr + row_k[:, None] * stride_sr + so[None, :]
+            tl.store(sdst, sv, mask=(row_k >= 0)[:, None] & s_ok)
 
     # The last program to finish has seen every program's reads: ack all sources, next epoch.
     if last_program_done(state_ptr + 2, R * RC):

@@ -100,6 +100,8 @@ class TritonAllToAll:
         timeout_s: on CPU, how long a wait may last before `TimeoutError`.
         block_tokens: tokens per program in every kernel (default: tuned for CUDA; all
             T in one program on CPU).
+        fused_prefix: send programs recount earlier tokens themselves instead of a count
+            kernel (default: when max_num_tokens <= 512).
     """
 
     def __init__(
@@ -118,6 +120,7 @@ class TritonAllToAll:
         device: torch.device | str | None = None,
         timeout_s: float = 60.0,
         block_tokens: int | None = None,
+        fused_prefix: bool | None = None,
     ) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
@@ -148,6 +151,7 @@ class TritonAllToAll:
             num_experts_per_token=num_experts_per_token,
             timeout_s=timeout_s,
             block_tokens=block_tokens,
+            fused_prefix=fused_prefix,
         )
         self.buffers = PeerBuffers(self.layout.nbytes, group, self.device)
         self._alloc_private(self.device)
@@ -169,6 +173,7 @@ class TritonAllToAll:
         num_experts_per_token: int,
         timeout_s: float,
         block_tokens: int | None,
+        fused_prefix: bool | None = None,
     ) -> None:
         """Sizes, buffer layout and tiles (no allocation; self.device must be set)."""
         self.world_size = world_size
@@ -230,17 +235,27 @@ class TritonAllToAll:
         if block_tokens is None and self.device.type == "cpu":
             block_tokens = _pow2(T)
         if block_tokens is not None:
-            bt = rb = tb = _clamp(_pow2(block_tokens), 1, 64)
+            bt = rb = cb = tb = _clamp(_pow2(block_tokens), 1, 64)
         else:
-            bt = _clamp(_pow2(T // 16), 1, 32)
-            rb = _clamp(_pow2(T // 32), 1, 16)
-            tb = _clamp(_pow2(T // 128), 1, 16)
+            # Decode (T=128): 4 tokens per send program (128 programs at EP4), 2 per recv
+            # program (256), 1 per combine program; prefill (T=4096): 8/4/4/4.
+            small = T <= 512
+            bt = 4 if small else 8
+            rb = 2 if small else 4
+            cb = 1 if small else 4
+            tb = 1 if small else 4
+            # Tuning hook (benchmarks only): PPLX_MOE_TILES="bt,rb,cb,tb".
+            if os.environ.get("PPLX_MOE_TILES"):
+                bt, rb, cb, tb = (int(v) for v in os.environ["PPLX_MOE_TILES"].split(","))
         self.bt = bt  # tokens per send program
         self.nc = triton.cdiv(T, self.bt)
         self.cb_prefix = _clamp(_pow2(self.nc), 1, 64)
+        # Decode: each send program recounts earlier tokens itself (no count kernel).
+        self.fused_prefix = T <= 512 if fused_prefix is None else bool(fused_prefix)
+        self.pb = _clamp(_pow2(T), 1, 32)
         self.rb = rb  # received tokens per recv program (per source)
         self.rc = triton.cdiv(T, self.rb)
-        self.cb = self.rb  # received tokens per combine-send program
+        self.cb = cb  # received tokens per combine-send program
         self.cc = triton.cdiv(T, self.cb)
         self.tb = tb  # tokens per combine-recv program
         self.nb = triton.cdiv(T, self.tb)
@@ -248,13 +263,17 @@ class TritonAllToAll:
         self.e_local_pad = _pow2(self.num_local_experts)
         self.r_pad = _pow2(R)
         self.s_pad = _pow2(max(1, self.hidden_dim_scale))
+        # Whole rows per tile where registers allow (<= 4096 elements per tile): one load
+        # latency per row instead of one per loop step (H100: ~1 us each, measured 2026-11).
         wpad = _pow2(self.words)
-        self.block_w_send = _clamp(2048 // self.bt, 16, wpad)
-        self.block_w_recv = _clamp(2048 // (self.rb * self.k_pad), 16, wpad)
+        self.block_w_send = _clamp(4096 // self.bt, 16, wpad)
+        self.block_w_recv = _clamp(4096 // self.rb, 16, wpad)
         hpad = _pow2(self.hidden_dim)
         self.block_h_send = _clamp(2048 // self.cb, 32, hpad)
         self.block_h_recv = _clamp(4096 // self.tb, 32, hpad)
-        self.num_warps = 4
+        self.num_warps = 8 if self.device.type == "cuda" else 4
+        if os.environ.get("PPLX_MOE_NUM_WARPS"):  # tuning hook (benchmarks only)
+            self.num_warps = int(os.environ["PPLX_MOE_NUM_WARPS"])
 
     def _alloc_private(self, dev: torch.device) -> None:
         """This rank's private device state (never touched by peers)."""
@@ -352,22 +371,23 @@ class TritonAllToAll:
         if do_send:
             idx = indices if indices.stride(-1) == 1 else indices.contiguous()
             w = weights if weights.stride(-1) == 1 else weights.contiguous()
-            self._launch(
-                _dispatch_count_kernel,
-                (self.nc, R),
-                idx,
-                idx.stride(0),
-                bm,
-                num_tokens,
-                self.chunk_counts,
-                self.chunk_hits,
-                K=K,
-                E_LOCAL=self.num_local_experts,
-                E_LOCAL_PAD=self.e_local_pad,
-                R=R,
-                BT=self.bt,
-                num_warps=self.num_warps,
-            )
+            if not self.fused_prefix:
+                self._launch(
+                    _dispatch_count_kernel,
+                    (self.nc, R),
+                    idx,
+                    idx.stride(0),
+                    bm,
+                    num_tokens,
+                    self.chunk_counts,
+                    self.chunk_hits,
+                    K=K,
+                    E_LOCAL=self.num_local_experts,
+                    E_LOCAL_PAD=self.e_local_pad,
+                    R=R,
+                    BT=self.bt,
+                    num_warps=self.num_warps,
+                )
             x = self._words(dp_x)
             if self.has_scale:
                 xs = dp_x_scale.contiguous().view(torch.int32)
@@ -410,6 +430,8 @@ class TritonAllToAll:
                 S_PAD=self.s_pad,
                 WORD=self.word_tl,
                 MAX_SPIN=self.max_spin,
+                FUSED_PREFIX=self.fused_prefix,
+                PB=self.pb,
                 num_warps=self.num_warps,
             )
             self._after_launch()
