@@ -1,8 +1,14 @@
 """A small MoE layer over R ranks: router, top-k, dispatch, per-expert MLP, combine.
 
-    python -m pplx.moe.demo                      # 4 ranks as CPU processes, torch backend
+    python -m pplx.moe.demo                      # 4 CPU processes: 2 nodes x 2 ranks
+    python -m pplx.moe.demo --ranks-per-node 4   # the same 4 ranks as one node
     python -m pplx.moe.demo --device cuda        # one GPU per rank, NCCL, Triton backend
     python -m pplx.moe.demo --ranks 3 --fp8 --tokens 128 --hidden 512
+
+`--ranks-per-node P` splits the ranks into emulated nodes of P consecutive ranks: inside a
+node rows move over the node's process group, between nodes only through the
+TransferEngine (`pplx.moe.internode`; provider from PPLX_MOE_PROVIDER, default shm).
+Default: 2 on the CPU (when it divides --ranks and the backend is torch), else all ranks.
 
 Each rank owns E / R experts (SiLU MLPs) and T tokens. Every iteration routes the tokens
 (softmax over the top-k router logits), dispatches them with `pplx.moe.AllToAll`, runs
@@ -48,6 +54,7 @@ class DemoConfig:
     fp8: bool = False
     padding: int = 1
     seed: int = 0
+    ranks_per_node: int | None = None  # None: every rank in one node
 
 
 @dataclass
@@ -161,6 +168,7 @@ def _rank_main(rank: int, world: int, cfg: DemoConfig) -> dict:
         num_experts_per_token=cfg.topk,
         device=device,
         backend=cfg.backend,
+        ranks_per_node=cfg.ranks_per_node,
     )
     bufs = a2a.alloc_dispatch_outputs()
     expert_y = a2a.alloc_expert_y()
@@ -320,14 +328,16 @@ def report(cfg: DemoConfig, results: list[dict]) -> bool:
                 p20_us=p20,
                 p80_us=p80,
                 ranks=cfg.ranks,
-                ranks_per_node=cfg.ranks,
+                ranks_per_node=cfg.ranks_per_node or cfg.ranks,
                 shape=shape,
                 dtype=dtype,
                 bytes=nbytes,
             )
         )
+    per_node = cfg.ranks_per_node or cfg.ranks
     print(
-        f"# MoE layer demo: {cfg.ranks} ranks on {cfg.device}, backend {r0['backend']}, "
+        f"# MoE layer demo: {cfg.ranks} ranks ({cfg.ranks // per_node} nodes x {per_node}) "
+        f"on {cfg.device}, backend {r0['backend']}, "
         f"{shape}, dispatch {dtype}, {cfg.iters} iterations (rank 0's clock)"
     )
     print(format_table(rows, ("case", "impl", "p50_us", "p20_us", "p80_us", "bytes")))
@@ -366,6 +376,13 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
     p.add_argument("--fp8", action="store_true", help="dispatch fp8 e4m3 with block scales")
     p.add_argument("--padding", type=int, default=d.padding, help="expert_padding")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--ranks-per-node",
+        type=int,
+        default=None,
+        help="ranks per emulated node (TransferEngine between nodes); default 2 on cpu "
+        "with the torch backend when it divides --ranks, else --ranks (one node)",
+    )
     a = p.parse_args(argv)
     for name in ("ranks", "tokens", "hidden", "ffn", "experts", "topk", "iters", "padding"):
         if getattr(a, name) < 1:
@@ -374,6 +391,12 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
         p.error(f"--experts ({a.experts}) must be divisible by --ranks ({a.ranks})")
     if a.topk > a.experts:
         p.error(f"--topk ({a.topk}) must be <= --experts ({a.experts})")
+    per_node = a.ranks_per_node
+    if per_node is None:
+        cpu_torch = a.device == "cpu" and a.backend in (None, "torch")
+        per_node = 2 if cpu_torch and a.ranks % 2 == 0 else a.ranks
+    if per_node < 1 or a.ranks % per_node:
+        p.error(f"--ranks-per-node ({per_node}) must divide --ranks ({a.ranks})")
     return DemoConfig(
         ranks=a.ranks,
         tokens=a.tokens,
@@ -387,6 +410,7 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
         fp8=a.fp8,
         padding=a.padding,
         seed=a.seed,
+        ranks_per_node=per_node,
     )
 
 
