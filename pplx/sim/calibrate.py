@@ -207,6 +207,21 @@ def structure_sweep(
     return out
 
 
+def holdout(cells: Sequence[Cell] | None = None) -> list[tuple[int, str, str, float]]:
+    """Leave one EP size out: fit on the other cells, predict the held-out ones.
+    Returns (ep, phase, system, relative error) per held-out pplx-garden cell."""
+    cells = list(cells if cells is not None else load_decode_table())
+    routings = decode_routings(sorted({c.ep for c in cells}))
+    out = []
+    for ep in sorted({c.ep for c in cells}):
+        train = [c for c in cells if c.ep != ep]
+        test = [c for c in cells if c.ep == ep and c.system in ("efa", "cx7")]
+        f = fit(train, routings=routings)
+        pred = predict(f.clusters, test, routings)
+        out += [(c.ep, c.phase, c.system, p / c.published_us - 1) for c, p in zip(test, pred)]
+    return out
+
+
 def error_table(f: Fit) -> str:
     """Markdown table: EP, phase, published EFA/CX7/DeepEP, model EFA/CX7, errors."""
     by = {(c.ep, c.phase, c.system): (c.published_us, p) for c, p in zip(f.cells, f.predicted_us)}
@@ -231,12 +246,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--csv", default=DECODE_CSV)
     ap.add_argument("--sweep", action="store_true", help="also print the structure sweep")
+    ap.add_argument("--holdout", action="store_true", help="also leave each EP size out")
     args = ap.parse_args(argv)
     cells = load_decode_table(args.csv)
     if args.sweep:
         print("dispatch_dedup combine_dedup max_private_tokens  rms_err  max_err")
         for dd, cd, mp, rms, mx in structure_sweep(cells):
             print(f"{dd:>14s} {cd:>13s} {mp:18d}  {100 * rms:6.1f}%  {100 * mx:6.1f}%")
+    if args.holdout:
+        print("leave-one-EP-out (fit without that EP, predict it):")
+        for ep, phase, system, e in holdout(cells):
+            print(f"  EP{ep:2d} {phase:8s} {system:4s} {100 * e:+6.1f}%")
     f = fit(cells)
     print("fitted parameters:")
     for k, v in f.values.items():

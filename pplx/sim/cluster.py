@@ -37,8 +37,9 @@ class NicSpec:
         per-message software cost of libfabric + provider (fitted).
     latency_us: one-way time from a posted write to its completion entry at the receiver,
         switch hops included (fitted).
-    shard_min_bytes: smallest write that is sharded over all NICs (assumed: 64 KiB, the
-        size above which one more work request costs less than the bandwidth it adds).
+    shard_min_bytes: smallest write that is sharded over all NICs (1 MiB: the default
+        `shard_threshold` of `pplx.fabric.TransferEngine`; the decode fit is the same with
+        64 KiB, as posting costs are small there).
     """
 
     kind: str
@@ -48,7 +49,7 @@ class NicSpec:
     bw_efficiency: float
     post_us: float
     latency_us: float
-    shard_min_bytes: int = 64 * 1024
+    shard_min_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
         if self.kind not in NIC_KINDS:
@@ -152,7 +153,7 @@ PARAM_SOURCES: dict[str, tuple[str, str, str]] = {
     "nic.bw_efficiency": ("-", "fitted", "pplx_garden_decode.csv, EP16-64"),
     "nic.post_us": ("us", "fitted", "pplx_garden_decode.csv, EP16-64"),
     "nic.latency_us": ("us", "fitted", "EFA: decode table; CX7: assumed 2 us (unconstrained)"),
-    "nic.shard_min_bytes": ("B", "assumed", "64 KiB"),
+    "nic.shard_min_bytes": ("B", "assumed", "1 MiB, TransferEngine's default shard_threshold"),
 }
 
 

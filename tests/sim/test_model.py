@@ -158,3 +158,11 @@ def test_private_overflow_counts():
     mid = private_overflow(r, 8, 32)
     assert 0 < mid.rows_overflowing < mid.rows
     assert mid.rows == int(r.rank_tokens[:8, 8:].sum() + r.rank_tokens[8:, :8].sum())
+
+
+def test_leave_one_ep_out_predicts_within_20_percent():
+    """Fitting without one EP size still predicts that size's cells within 20%."""
+    errs = calibrate.holdout()
+    assert len(errs) == 16
+    worst = max(errs, key=lambda e: abs(e[3]))
+    assert abs(worst[3]) < 0.20, worst
