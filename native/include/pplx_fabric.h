@@ -20,7 +20,9 @@
  *    is bounds-checked against the descriptor before anything is posted.
  *  - Sender completion: each submission returns a request (pplx_req) whose
  *    counters (done / failed) the progress thread bumps per libfabric op.
- *    pplx_req_wait waits in C with a timeout (cffi releases the GIL).
+ *    pplx_req_wait waits in C with a timeout (cffi releases the GIL). Done
+ *    means the source may be reused, not that the data arrived (tcp
+ *    completes at transmit): only the receiver's immediate count says that.
  *  - Receiver completion: a write may carry a 32-bit immediate. The progress
  *    thread counts arrivals per immediate in the ImmCounter table, an array of
  *    uint64_t indexed by imm (imm < imm_table_size) in page-aligned memory the
@@ -33,6 +35,11 @@
  * try to post, and queue the op for the progress thread if libfabric says
  * -FI_EAGAIN. No call spins waiting for the network except the *_wait calls,
  * which take a timeout.
+ *
+ * Caveat (libfabric shm 1.17): engines of one process share the mapping of
+ * a peer's region, so writing to an engine of the SAME process after it was
+ * destroyed faults inside libfabric. Peers in other processes may die at any
+ * time: writes to them fail or time out.
  *
  * Return codes: 0 (or a documented non-negative value) on success, else a
  * negative code: -errno / -FI_E* from libfabric, or one of enum pplx_status.

@@ -14,8 +14,14 @@ Example (two processes; exchange descriptors with `pplx.fabric.bootstrap`)::
         engine.submit_write(mr, peer_desc, 4096, imm=7).wait()
         engine.imm_counter(7).wait(1)                 # on the peer: one arrival of imm 7
 
+Every `submit_*` returns a `TransferRequest` (sender completion; `.wait(timeout)`) and takes
+optional pplx-garden style callbacks `on_done()` / `on_error(exc)`, run on a Python thread
+("pplx-callbacks"), never on the C progress thread.
+
 Warning: MemoryRegions, descriptors imported into this engine, and `imm_table()` views are
 valid until `close()`; close() unregisters every region of the engine.
+Warning: on shm, do not write to an engine of the same process after closing it (libfabric
+shm shares the peer's mapping within a process and faults); peers in other processes may die.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import torch
 
 from pplx._ffi import (
     EngineClosed,
+    FabricError,
     InvalidArgument,
     TryAgain,
     check,
@@ -99,7 +106,11 @@ class ScatterDst:
 
 
 class TransferRequest:
-    """Sender-side completion of one submission: counters of its libfabric operations."""
+    """Sender-side completion of one submission: counters of its libfabric operations.
+
+    Complete means libfabric completed every operation at the sender: the source bytes
+    may be reused. It does not prove delivery (tcp completes at transmit); the receiver
+    learns that the data is in place from its immediate count (`ImmCounter`)."""
 
     def __init__(self, handle):
         self._h = handle
@@ -219,6 +230,72 @@ class RecvHandle:
             raise TimeoutError(f"submit_recvs: receiver still running after {timeout} s")
 
 
+class _CallbackThread:
+    """Runs `on_done` / `on_error` of requests on a Python thread, never on the C progress
+    thread: it blocks in C (GIL released) on the oldest request for up to 1 ms at a time.
+    A callback's exception is kept and re-raised by `TransferEngine.close()`."""
+
+    def __init__(self, engine: TransferEngine):
+        self._engine = engine
+        self._items: list[tuple[TransferRequest, Callable | None, Callable | None]] = []
+        self._lock = threading.Lock()
+        self.c_lock = threading.Lock()  # held around C waits; close() takes it to destroy
+        self._wake = threading.Event()
+        self._stopping = False
+        self.errors: list[BaseException] = []
+        self._thread = threading.Thread(target=self._loop, name="pplx-callbacks", daemon=True)
+        self._thread.start()
+
+    def add(self, req: TransferRequest, on_done, on_error) -> None:
+        with self._lock:
+            self._items.append((req, on_done, on_error))
+        self._wake.set()
+
+    def _run(self, req: TransferRequest, on_done, on_error) -> None:
+        try:
+            try:
+                req.wait(timeout=0)
+            except FabricError as exc:
+                if on_error is not None:
+                    on_error(exc)
+                return
+            if on_done is not None:
+                on_done()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by close()
+            self.errors.append(exc)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                items = list(self._items)
+            if not items:
+                if self._stopping:
+                    return
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            ready = [it for it in items if it[0].done]
+            if ready:
+                with self._lock:
+                    for it in ready:
+                        self._items.remove(it)
+                for it in ready:
+                    self._run(*it)
+                continue
+            with self.c_lock:
+                if self._engine._h is not None:
+                    lib.pplx_req_wait(items[0][0]._h, 1000)  # rc ignored: polled above
+                    continue
+            time.sleep(1e-3)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=DEFAULT_TIMEOUT_S)
+        if self.errors:
+            raise self.errors[0]
+
+
 class TransferEngine:
     """RDMA-write engine over a libfabric provider.
 
@@ -293,6 +370,7 @@ class TransferEngine:
         self._regions: dict[int, MemoryRegion] = {}
         self._rdescs: dict[MrDescriptor, object] = {}
         self._peers: dict[bytes, int] = {}
+        self._cb: _CallbackThread | None = None
         n = lib.pplx_engine_address_len(self._h)
         buf = ffi.new("uint8_t[]", n)
         size = ffi.new("size_t *", n)
@@ -416,9 +494,17 @@ class TransferEngine:
         return h
 
     # ---- writes ----
-    def _req(self, rc: int, out, what: str) -> TransferRequest:
+    def _req(self, rc: int, out, what: str, on_done=None, on_error=None) -> TransferRequest:
         check(rc, what)
-        return TransferRequest(ffi.gc(out[0], lib.pplx_req_release))
+        req = TransferRequest(ffi.gc(out[0], lib.pplx_req_release))
+        if on_done is not None or on_error is not None:
+            self._callbacks().add(req, on_done, on_error)
+        return req
+
+    def _callbacks(self) -> _CallbackThread:
+        if self._cb is None:
+            self._cb = _CallbackThread(self)
+        return self._cb
 
     def submit_write(
         self,
@@ -429,6 +515,8 @@ class TransferEngine:
         src_offset: int = 0,
         dst_offset: int = 0,
         imm: int | None = None,
+        on_done: Callable[[], None] | None = None,
+        on_error: Callable[[FabricError], None] | None = None,
     ) -> TransferRequest:
         """Write `length` bytes (default: the rest of the source region) from `src_mr` at
         `src_offset` to `dst_mr` at `dst_offset`; with `imm`, the receiver counts
@@ -452,22 +540,36 @@ class TransferEngine:
             _imm(imm) if imm is not None else 0,
             out,
         )
-        return self._req(rc, out, "submit_write")
+        return self._req(rc, out, "submit_write", on_done, on_error)
 
-    def submit_imm(self, imm: int, dst_mr: MrDescriptor) -> TransferRequest:
+    def submit_imm(
+        self,
+        imm: int,
+        dst_mr: MrDescriptor,
+        *,
+        on_done: Callable[[], None] | None = None,
+        on_error: Callable[[FabricError], None] | None = None,
+    ) -> TransferRequest:
         """An immediate with no data (a zero-byte write to `dst_mr`'s owner)."""
         out = ffi.new("struct pplx_req **")
         rc = lib.pplx_write_imm(self._handle(), self._rdesc(dst_mr), _imm(imm), out)
-        return self._req(rc, out, "submit_imm")
+        return self._req(rc, out, "submit_imm", on_done, on_error)
 
-    def submit_barrier(self, imm: int, dst_mrs: Sequence[MrDescriptor]) -> TransferRequest:
+    def submit_barrier(
+        self,
+        imm: int,
+        dst_mrs: Sequence[MrDescriptor],
+        *,
+        on_done: Callable[[], None] | None = None,
+        on_error: Callable[[FabricError], None] | None = None,
+    ) -> TransferRequest:
         """`imm` to each descriptor's owner (one per peer); each peer waits for
         `len(peers)` arrivals of `imm`."""
         hs = [self._rdesc(d) for d in dst_mrs]
         arr = ffi.new("struct pplx_rdesc *[]", hs)
         out = ffi.new("struct pplx_req **")
         rc = lib.pplx_barrier(self._handle(), len(hs), arr, _imm(imm), out)
-        return self._req(rc, out, "submit_barrier")
+        return self._req(rc, out, "submit_barrier", on_done, on_error)
 
     def submit_paged_writes(
         self,
@@ -482,6 +584,8 @@ class TransferEngine:
         src_offset: int = 0,
         dst_offset: int = 0,
         imm: int | None = None,
+        on_done: Callable[[], None] | None = None,
+        on_error: Callable[[FabricError], None] | None = None,
     ) -> TransferRequest:
         """Copy pages: page i moves `page_len` bytes from
         `src_offset + src_page_indices[i] * src_stride` to
@@ -515,7 +619,7 @@ class TransferEngine:
             _imm(imm) if imm is not None else 0,
             out,
         )
-        return self._req(rc, out, "submit_paged_writes")
+        return self._req(rc, out, "submit_paged_writes", on_done, on_error)
 
     @staticmethod
     def _indices(name: str, idx) -> np.ndarray:
@@ -531,7 +635,13 @@ class TransferEngine:
         return np.ascontiguousarray(a, dtype=np.uint32)
 
     def submit_scatter(
-        self, src_mr: MemoryRegion, dsts: Sequence[ScatterDst], *, imm: int | None = None
+        self,
+        src_mr: MemoryRegion,
+        dsts: Sequence[ScatterDst],
+        *,
+        imm: int | None = None,
+        on_done: Callable[[], None] | None = None,
+        on_error: Callable[[FabricError], None] | None = None,
     ) -> TransferRequest:
         """One source, many destinations (peers); with `imm`, each destination's owner
         receives one arrival per ScatterDst addressed to it."""
@@ -552,7 +662,7 @@ class TransferEngine:
             _imm(imm) if imm is not None else 0,
             out,
         )
-        return self._req(rc, out, "submit_scatter")
+        return self._req(rc, out, "submit_scatter", on_done, on_error)
 
     # ---- two-sided ----
     def _peer(self, addr: bytes) -> int:
@@ -563,7 +673,13 @@ class TransferEngine:
         return p
 
     def submit_send(
-        self, addr: bytes, message: bytes, timeout: float | None = DEFAULT_TIMEOUT_S
+        self,
+        addr: bytes,
+        message: bytes,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        *,
+        on_done: Callable[[], None] | None = None,
+        on_error: Callable[[FabricError], None] | None = None,
     ) -> TransferRequest:
         """Send a small message (<= msg_size bytes) to the engine at `addr`; the buffer is
         copied, so `message` is free on return. Waits up to `timeout` for a free slot."""
@@ -573,9 +689,8 @@ class TransferEngine:
         out = ffi.new("struct pplx_req **")
         while True:
             try:
-                return self._req(
-                    lib.pplx_send(self._handle(), peer, data, len(data), out), out, "submit_send"
-                )
+                rc = lib.pplx_send(self._handle(), peer, data, len(data), out)
+                return self._req(rc, out, "submit_send", on_done, on_error)
             except TryAgain:
                 if deadline is not None and time.monotonic() > deadline:
                     raise
@@ -679,7 +794,8 @@ class TransferEngine:
     # ---- lifetime ----
     def close(self) -> None:
         """Fail queued and in-flight requests, unregister every region, stop the progress
-        thread and free the engine. Idempotent."""
+        thread and free the engine; then run the callbacks still due (their requests failed
+        with EngineClosed) and re-raise the first exception a callback raised. Idempotent."""
         if self._h is None:
             return
         for mr in list(self._regions.values()):
@@ -688,8 +804,15 @@ class TransferEngine:
             ffi.release(h)
         self._rdescs.clear()
         self._peers.clear()
-        h, self._h = self._h, None
-        ffi.release(h)
+        cb = self._cb
+        if cb is not None:
+            with cb.c_lock:  # the callback thread is not inside a C wait now
+                h, self._h = self._h, None
+                ffi.release(h)
+            cb.stop()  # runs the remaining callbacks (requests failed by the close)
+        else:
+            h, self._h = self._h, None
+            ffi.release(h)
 
     def __enter__(self) -> TransferEngine:
         return self

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from pplx.fabric import (
+    FabricError,
     FabricTimeout,
     FaultInjection,
     ScatterDst,
@@ -212,9 +213,16 @@ def _killed_worker(rank: int, world: int) -> list[str]:
         assert outcome is not None, f"{p}: writes to a dead peer kept succeeding for 60 s"
         with pytest.raises(FabricTimeout):
             e.imm_counter(7).wait(1, timeout=0.2)  # the dead peer never sends it
+        # A request to the dead peer with callbacks: it fails (or stays queued until the
+        # close fails it); on_error runs either way, by the time close() returns.
+        called = []
+        e.submit_write(
+            mr, ds[1], 1 << 20, on_done=lambda c=called: c.append("done"), on_error=called.append
+        )
         t0 = time.monotonic()
         e.close()  # fails whatever is still queued for the dead peer
         assert time.monotonic() - t0 < 10, f"{p}: close took {time.monotonic() - t0:.1f} s"
+        assert len(called) == 1 and isinstance(called[0], FabricError), (p, called)
         outcomes.append(outcome)
     return outcomes
 
