@@ -101,18 +101,20 @@ def plot(rows: Sequence[dict], title: str, path: str, note: str = "") -> str:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=False)
     systems = sorted({r["system"] for r in rows})
-    markers = iter(["^", "v", "D", "P", "X", "*", "h", "<", ">"])
+    markers = ["^", "v", "D", "P", "X", "*", "h", "<", ">"]
+    styles = dict(STYLE)  # one marker and colour per system, the same in both panels
+    for i, s in enumerate(x for x in systems if x not in STYLE):
+        styles[s] = dict(
+            ls="none", marker=markers[i % len(markers)], color=f"C{(i + 3) % 10}",
+            label=s.replace("_", " "),
+        )  # fmt: skip
     for ax, phase in zip(axes, ("dispatch", "combine")):
         for s in systems:
             pts = sorted(
                 (r["ep"], r["us"]) for r in rows if r["system"] == s and r["phase"] == phase
             )
-            if not pts:
-                continue
-            st = dict(STYLE.get(s, {}))
-            if not st:
-                st = dict(ls="none", marker=next(markers, "o"), label=s.replace("_", " "))
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], **st)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], **styles[s])
         ax.set_xscale("log", base=2)
         ax.set_xticks([2, 4, 8, 16, 32, 64])
         ax.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())

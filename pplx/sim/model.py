@@ -19,6 +19,11 @@ combine
   the same without counts and overflow: offsets are known from dispatch; each rank
   writes its expert outputs back to the token's source rank.
 
+Rows on the wire follow `Cluster.dispatch_dedup` / `combine_dedup`: one per (token,
+destination rank) ("rank", the fitted default), per (token, slot) ("none"), or per (token,
+destination node) ("node", a layout prototype: an extra NVLink hop fans rows out inside
+the node, `_node_dedup`).
+
 Time of one call = kernel_fixed + pack/unpack + max(NVLink path, RDMA path), where the RDMA
 path is the slowest rank's: its proxy thread is busy `post_us` per work request posted
 and per completion reaped (serially), its NICs carry max(sent, received) bytes at the
