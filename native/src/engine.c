@@ -107,15 +107,18 @@ static int get_infos(struct pplx_engine *e, struct fi_info **out)
 			 e->provider, fi_strerror(-rc));
 }
 
-/* Pick the info for each domain: N distinct NICs if the provider lists as
- * many (EFA: one per rdmap device), else N endpoints on the first. */
+/* Pick the info for each domain: N distinct NICs of the first info's fabric
+ * if the provider lists as many (EFA: one rdmap device each; verbs: mlx5_*
+ * on one subnet), else N endpoints on the first. Same fabric only: tcp lists
+ * every interface as a fabric of its own (eth0's subnet, lo's), and a peer on
+ * another host cannot reach our lo. */
 static int pick_infos(struct pplx_engine *e, struct fi_info *list)
 {
 	struct fi_info *pick[PPLX_MAX_DOMAINS];
 	int found = 0;
 
 	for (struct fi_info *i = list; i && found < e->n; i = i->next) {
-		bool dup = false;
+		bool dup = strcmp(i->fabric_attr->name, list->fabric_attr->name) != 0;
 
 		for (int j = 0; j < found; j++)
 			dup |= !strcmp(pick[j]->domain_attr->name, i->domain_attr->name);
