@@ -59,6 +59,8 @@ def _timeout_us(timeout: float | None) -> int:
 
 
 def _check_int(name: str, value: int, lo: int, hi: int) -> int:
+    if type(value) is int and lo <= value < hi:  # the hot path: one type check, one range
+        return value
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
         raise InvalidArgument(f"{name} must be an int, got {type(value).__name__}")
     if not lo <= value < hi:
