@@ -607,11 +607,19 @@ class InterNodeAllToAll:
                 ]
                 parts.append(ovf.view(-1, self.rec_bytes))
         rows = L.recv_rows(layout, self.rank).to(out_x.device)
-        if parts:
-            recs = torch.cat([p_.to(out_x.device) for p_ in parts])
-            out_x.view(torch.uint8)[rows] = recs[:, : self.x_bytes]
-            if out_x_scale is not None:
-                out_x_scale.view(torch.uint8)[rows] = recs[:, self.x_bytes :]
+        # Scatter each part straight into place (no concatenated copy): part i's rows are
+        # the next len(part) entries of the arrival-order row list.
+        x_out = out_x.view(torch.uint8)
+        s_out = None if out_x_scale is None else out_x_scale.view(torch.uint8)
+        pos = 0
+        for part in parts:
+            n = part.shape[0]
+            part = part.to(out_x.device)
+            dst_rows = rows[pos : pos + n]
+            x_out[dst_rows] = part[:, : self.x_bytes]
+            if s_out is not None:
+                s_out[dst_rows] = part[:, self.x_bytes :]
+            pos += n
         out_num.copy_(layout.expert_num_tokens[self.rank].to(out_num.device, torch.int32))
         ph.place += _us(t3)
         if remote:
@@ -744,12 +752,25 @@ class InterNodeAllToAll:
                     .to(dev)
                 )
         m, k, h = st.num_live, self.topk, self.hidden_dim
-        flat = torch.empty(m * k, self.y_bytes, dtype=torch.uint8, device=dev)
-        if parts:
-            flat[st.send_order.to(dev)] = torch.cat(parts)
-        slot_rows = flat.view(self.out_dtype).reshape(m, k, h)
-        sums = R.weighted_sum(slot_rows, weights[:m])
-        R.finish_combine(sums, out_tokens, accumulate)
+        # Rows back in (t, k) order, converted to f32 once: parts are in send order
+        # (destination, expert, t, k), i.e. consecutive slices of send_order.
+        flat = torch.empty(m * k, h, dtype=torch.float32, device=dev)
+        order = st.send_order.to(dev)
+        pos = 0
+        for part in parts:
+            n = part.shape[0]
+            flat[order[pos : pos + n]] = part.view(self.out_dtype).float()
+            pos += n
+        rows_f = flat.view(m, k, h)
+        w = weights[:m].float()
+        # The reference's arithmetic (`reference.weighted_sum`): acc = acc + w * row in k
+        # order, each product rounded to f32 before the add; in place, no temporaries.
+        acc = torch.zeros(m, h, dtype=torch.float32, device=dev)
+        prod = torch.empty(m, h, dtype=torch.float32, device=dev)
+        for kk in range(k):
+            torch.mul(w[:, kk : kk + 1], rows_f[:, kk], out=prod)
+            acc.add_(prod)
+        R.finish_combine(acc, out_tokens, accumulate)
         if self.remote_ranks:
             self._wait_sends()
         self._comb_node = None

@@ -88,13 +88,12 @@ def _proxy_roundtrip_kernel(
 def register_host_memory(t: torch.Tensor) -> None:
     """`cudaHostRegister` a host tensor (mapped, portable) so that kernels can access it."""
     cudart = torch.cuda.cudart()
-    rc = cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 3)
-    if int(rc) != 0:
-        raise RuntimeError(f"cudaHostRegister({t.data_ptr():#x}) failed with {rc}")
+    # 3 = cudaHostRegisterPortable | cudaHostRegisterMapped
+    torch.cuda.check_error(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 3))
 
 
 def unregister_host_memory(t: torch.Tensor) -> None:
-    torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+    torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(t.data_ptr()))
 
 
 def proxy_roundtrip_triton(
