@@ -107,8 +107,9 @@ struct pplx_engine_config {
 	uint32_t msg_size;
 	uint32_t num_send_slots;
 	uint32_t num_recv_slots;
-	/* Progress thread: spin this long after the last event, then sleep
-	 * sleep_us per idle round (0 = spin forever). */
+	/* Progress thread: spin this long after the last event or submission,
+	 * then nap sleep_us, doubling per idle nap up to 250 us (0 = spin
+	 * forever). Waiters spin this long too, driving progress themselves. */
 	uint32_t spin_us;
 	uint32_t sleep_us;
 };
@@ -260,6 +261,16 @@ int pplx_imm_set_trigger(struct pplx_engine *e, uint32_t imm, uint64_t n, uint64
  * timeout_us (< 0 = forever). */
 int pplx_wait_u64(struct pplx_engine *e, const uint64_t *addr, uint64_t value,
 		  int64_t timeout_us);
+
+/* ---- benchmarking ---- */
+/* Ping-pong of iters writes of len bytes (len <= both regions) with
+ * immediates, entirely in C: the initiator writes with imm_ping and waits
+ * for one imm_pong (consuming it), storing round trip / 2 per iteration in
+ * one_way_us[iters]; the responder (initiator = 0; one_way_us may be NULL)
+ * waits for imm_ping and answers with imm_pong. Each wait has timeout_us. */
+int pplx_bench_pingpong(struct pplx_engine *e, struct pplx_mr *src, struct pplx_rdesc *dst,
+			uint32_t iters, uint64_t len, int initiator, uint32_t imm_ping,
+			uint32_t imm_pong, int64_t timeout_us, double *one_way_us);
 /* CDEF END */
 
 #ifdef __cplusplus

@@ -123,6 +123,7 @@ struct pplx_engine {
 	pthread_cond_t cv; /* broadcast on every completion while waiters > 0 */
 	_Atomic int waiters;
 	_Atomic int spinners; /* waiters in their spin phase, driving progress */
+	_Atomic int kicked; /* a submission happened: progress thread, spin again */
 	_Atomic int want_lock;
 	_Atomic int stop;
 	_Atomic int closed;

@@ -143,6 +143,7 @@ int op_submit(struct pplx_engine *e, struct pplx_op *op)
 		rc = op_post(e, op);
 		if (rc == 0) {
 			mark_inflight(e, op);
+			atomic_store(&e->kicked, 1);
 			return 0;
 		}
 		if (rc != -FI_EAGAIN) {
@@ -156,6 +157,7 @@ int op_submit(struct pplx_engine *e, struct pplx_op *op)
 	}
 	list_push(&e->pending, op);
 	e->stats.ops_queued++;
+	atomic_store(&e->kicked, 1);
 	return 0;
 }
 

@@ -793,6 +793,43 @@ class TransferEngine:
         )
         return ImmExpectation(self, imm, n, flag_ptr, value, keep)
 
+    # ---- measuring ----
+    def measure_pingpong(
+        self,
+        src_mr: MemoryRegion,
+        dst_mr: MrDescriptor,
+        iters: int,
+        *,
+        initiator: bool,
+        length: int = 8,
+        imm_ping: int = 0xFFF0,
+        imm_pong: int = 0xFFF1,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+    ) -> list[float] | None:
+        """Write+imm ping-pong run in C (no Python per iteration): the engine's own latency.
+
+        Both sides call it with the same `iters`; the initiator returns `[iters]` one-way
+        times in microseconds (round trip / 2), the responder None. Consumes the arrivals
+        of `imm_ping` / `imm_pong` it waits for."""
+        iters = _check_int("iters", iters, 0, 1 << 31)
+        out = ffi.new("double[]", max(1, iters)) if initiator else ffi.NULL
+        check(
+            lib.pplx_bench_pingpong(
+                self._handle(),
+                src_mr._handle(),
+                self._rdesc(dst_mr),
+                iters,
+                _check_int("length", length, 0, 1 << 63),
+                bool(initiator),
+                _imm(imm_ping),
+                _imm(imm_pong),
+                _timeout_us(timeout),
+                out,
+            ),
+            "measure_pingpong",
+        )
+        return list(out[0:iters]) if initiator else None
+
     # ---- lifetime ----
     def close(self) -> None:
         """Fail queued and in-flight requests, unregister every region, stop the progress

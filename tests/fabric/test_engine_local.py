@@ -452,3 +452,27 @@ def test_callback_exception_reraised_by_close(pair):
         c.submit_write(mr, dst_desc, 8, on_done=boom).wait(TIMEOUT)
         with pytest.raises(KeyError, match="from a callback"):
             c.close()
+
+
+def test_measure_pingpong_in_c(pair):
+    import threading
+
+    a, b, src, src_mr, dst, dst_desc = pair
+    b_mr, _ = b.register_tensor(rand_bytes(64, seed=12))
+    _, a_desc = a.register_tensor(poisoned(64))
+    errors = []
+
+    def responder():
+        try:
+            b.measure_pingpong(b_mr, a_desc, 300, initiator=False, length=8, timeout=TIMEOUT)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=responder)
+    t.start()
+    samples = a.measure_pingpong(src_mr, dst_desc, 300, initiator=True, timeout=TIMEOUT)
+    t.join(TIMEOUT)
+    assert not errors and not t.is_alive()
+    assert len(samples) == 300 and all(0 < s < TIMEOUT * 1e6 for s in samples)
+    assert b.imm_counter(0xFFF0).count == 0 and a.imm_counter(0xFFF1).count == 0  # consumed
+    assert torch.equal(dst[:8], src[:8])
