@@ -326,13 +326,12 @@ int pplx_proxy_bench_roundtrip(struct pplx_proxy *p, struct pplx_engine *receive
 		t0 = pplx_now_ns();
 		if ((t = pplx_proxy_submit(p, &it, timeout_us)) < 0)
 			return (int)t;
-		while (__atomic_load_n(flag, __ATOMIC_ACQUIRE) != v) {
-			if (timeout_us >= 0 && pplx_now_ns() - t0 > (uint64_t)timeout_us * 1000)
-				return pplx_fail(PPLX_ERR_TIMEOUT,
-						 "proxy round trip %u: flag not set after %lld us", i,
-						 (long long)timeout_us);
-			cpu_relax();
-		}
+		/* The engine's wait spins, drives the receiver's progress itself, then
+		 * sleeps: on a box with fewer cores than spinning threads a bare spin
+		 * here starves the thread that would set the flag. */
+		if ((rc = pplx_wait_u64(receiver, flag, v, timeout_us)))
+			return pplx_fail(rc, "proxy round trip %u: flag not set after %lld us", i,
+					 (long long)timeout_us);
 		out_ns[i] = pplx_now_ns() - t0;
 	}
 	return 0;
