@@ -12,6 +12,16 @@ sequence of calls (the device-side epoch counters must agree). A split call
 (`do_send=True, do_recv=False` then `do_send=False, do_recv=True`) equals one call; the
 halves must alternate. Combine must follow a dispatch with the same routing and bound_m.
 
+Buffer reuse: signals are monotone per-peer counters compared with a device-side epoch
+(completed calls of that phase); after a receive has consumed a peer's data it stores
+`epoch + 1` into that peer's ack slot, and the next send to that peer first waits for it.
+So any number of dispatches (or combines) may follow each other; nothing is overwritten
+before it was read (details: `sync_kernels.py`).
+
+Warning: combine reuses the row map and the weights that travelled with dispatch (each
+rank sums its own slots of a token before sending one row back); combine's `indices` and
+`weights` must be the ones given to the matching dispatch, and so must `bound_m`.
+
 Warning: no host synchronisation happens inside dispatch or combine on CUDA; every grid
 depends only on the constructor's sizes and `bound_m` is read on the device, so a whole
 step can be captured in a CUDA graph and replayed with changing `bound_m` values. On CUDA
