@@ -260,17 +260,39 @@ bool engine_progress_locked(struct pplx_engine *e)
 	return did;
 }
 
-static void nap_ns(uint64_t ns)
+/* Nap up to ns unless woken (engine_wake_progress): a waiter that stops
+ * spinning, a submission, or destroy. wake/napping are seq_cst atomics, so
+ * either this thread sees wake, or the waker sees napping and signals under
+ * nap_lock after this thread started waiting. */
+static void nap_ns(struct pplx_engine *e, uint64_t ns)
 {
-	struct timespec ts = {(time_t)(ns / 1000000000ull), (long)(ns % 1000000000ull)};
+	uint64_t until = pplx_now_ns() + ns;
+	struct timespec ts = {(time_t)(until / 1000000000ull), (long)(until % 1000000000ull)};
 
-	nanosleep(&ts, NULL);
+	pthread_mutex_lock(&e->nap_lock);
+	atomic_store(&e->napping, 1);
+	if (!atomic_load(&e->wake) && !atomic_load(&e->stop))
+		pthread_cond_timedwait(&e->nap_cv, &e->nap_lock, &ts);
+	atomic_store(&e->napping, 0);
+	atomic_store(&e->wake, 0);
+	pthread_mutex_unlock(&e->nap_lock);
+}
+
+void engine_wake_progress(struct pplx_engine *e)
+{
+	atomic_store(&e->wake, 1);
+	if (atomic_load(&e->napping)) {
+		pthread_mutex_lock(&e->nap_lock);
+		pthread_cond_signal(&e->nap_cv);
+		pthread_mutex_unlock(&e->nap_lock);
+	}
 }
 
 /* The progress thread. After an event it spins for spin_us; then it naps,
  * sleep_us first, doubling per idle nap up to IDLE_NAP_MAX_NS, so an idle
  * engine costs ~4000 wake-ups a second, not 50000 (2-core CI runs a dozen
- * engines). A submission (e->kicked) or an event puts it back to spinning. */
+ * engines). A submission (e->kicked) or an event puts it back to spinning;
+ * a waiter that stops spinning wakes it at once (it must take over). */
 static void *progress_main(void *arg)
 {
 	struct pplx_engine *e = arg;
@@ -287,12 +309,16 @@ static void *progress_main(void *arg)
 		uint64_t now;
 
 		/* A spinning waiter drives progress itself (engine_wait_cond):
-		 * step aside, rarely waking: every wake-up of this thread can
-		 * preempt the spinner, which on a loaded box then waits a whole
-		 * time slice (measured: p80 of an 8 B ping-pong 6 us with 20 us
-		 * naps, 1.2 us with 1 ms, shm, 2 loaded cores). */
-		if (atomic_load(&e->spinners)) {
-			nap_ns(ASIDE_NS);
+		 * step aside while one spins or one succeeded within ASIDE_NS
+		 * (it will likely post and wait again), rarely waking: every
+		 * wake-up can preempt the spinner, which on a loaded box then
+		 * waits a whole time slice (p80 of an 8 B ping-pong: 6 us with
+		 * 20 us naps, 1.2 us with 1 ms; shm, 2 loaded cores), and two
+		 * busy threads per process halve a 2-core box's copy bandwidth.
+		 * A waiter that stops spinning unsuccessfully wakes us. */
+		now = pplx_now_ns();
+		if (atomic_load(&e->spinners) || now - atomic_load(&e->spun_ns) < ASIDE_NS) {
+			nap_ns(e, ASIDE_NS);
 			last_event = pplx_now_ns();
 			continue;
 		}
@@ -315,7 +341,7 @@ static void *progress_main(void *arg)
 			last_event = now;
 			nap = min_nap;
 		} else if (min_nap && now - last_event > spin_ns) {
-			nap_ns(nap);
+			nap_ns(e, nap);
 			nap = nap * 2 > max_nap ? max_nap : nap * 2;
 		}
 	}
@@ -347,9 +373,11 @@ int pplx_engine_create(const struct pplx_engine_config *cfg, struct pplx_engine 
 	if (cfg->node)
 		snprintf(e->node, sizeof(e->node), "%s", cfg->node);
 	pthread_mutex_init(&e->lock, NULL);
+	pthread_mutex_init(&e->nap_lock, NULL);
 	pthread_condattr_init(&ca);
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
 	pthread_cond_init(&e->cv, &ca);
+	pthread_cond_init(&e->nap_cv, &ca);
 	pthread_condattr_destroy(&ca);
 
 	table_bytes = ((size_t)cfg->imm_table_size * 8 + 4095) & ~(size_t)4095;
@@ -419,6 +447,7 @@ void pplx_engine_destroy(struct pplx_engine *e)
 	pthread_mutex_unlock(&e->lock);
 	if (e->thread_started) {
 		atomic_store(&e->stop, 1);
+		engine_wake_progress(e);
 		pthread_join(e->thread, NULL);
 	}
 	/* Waiters see `closed` and leave; the engine must outlive them. */
@@ -455,7 +484,9 @@ void pplx_engine_destroy(struct pplx_engine *e)
 	free(e->triggers);
 	free(e->held);
 	pthread_cond_destroy(&e->cv);
+	pthread_cond_destroy(&e->nap_cv);
 	pthread_mutex_destroy(&e->lock);
+	pthread_mutex_destroy(&e->nap_lock);
 	free(e);
 }
 

@@ -107,10 +107,15 @@ int engine_wait_cond(struct pplx_engine *e, bool (*cond)(void *), void *arg, int
 	 * fewer cores than spinning threads, the scheduler otherwise makes every
 	 * round trip wait for a time slice (milliseconds). */
 	if (spin_ns) {
+		uint64_t last = start; /* spin spin_ns past the last progress made */
+
 		atomic_fetch_add(&e->spinners, 1);
-		while (now - start < spin_ns && now < deadline) {
+		while (now - last < spin_ns && now < deadline) {
 			if (cond(arg)) {
 				rc = 0;
+				/* The progress thread stays aside a while longer: this
+				 * thread is likely to post and wait again soon. */
+				atomic_store(&e->spun_ns, pplx_now_ns());
 				atomic_fetch_sub(&e->spinners, 1);
 				goto out;
 			}
@@ -120,14 +125,22 @@ int engine_wait_cond(struct pplx_engine *e, bool (*cond)(void *), void *arg, int
 				goto out;
 			}
 			if (!atomic_load(&e->want_lock) && !pthread_mutex_trylock(&e->lock)) {
-				engine_progress_locked(e);
+				bool did = engine_progress_locked(e);
+
 				pthread_mutex_unlock(&e->lock);
+				now = pplx_now_ns();
+				if (did)
+					last = now;
 			} else {
 				cpu_relax();
+				now = pplx_now_ns();
 			}
-			now = pplx_now_ns();
 		}
-		atomic_fetch_sub(&e->spinners, 1);
+		/* Not there yet: the progress thread must take over now, not
+		 * after its step-aside nap. */
+		atomic_store(&e->spun_ns, 0);
+		if (atomic_fetch_sub(&e->spinners, 1) == 1)
+			engine_wake_progress(e);
 	}
 	pthread_mutex_lock(&e->lock);
 	for (;;) {

@@ -123,7 +123,11 @@ struct pplx_engine {
 	pthread_cond_t cv; /* broadcast on every completion while waiters > 0 */
 	_Atomic int waiters;
 	_Atomic int spinners; /* waiters in their spin phase, driving progress */
+	_Atomic uint64_t spun_ns; /* when a spinning waiter last succeeded */
 	_Atomic int kicked; /* a submission happened: progress thread, spin again */
+	pthread_mutex_t nap_lock; /* the progress thread naps on nap_cv */
+	pthread_cond_t nap_cv;
+	_Atomic int napping, wake;
 	_Atomic int want_lock;
 	_Atomic int stop;
 	_Atomic int closed;
@@ -185,6 +189,7 @@ void mr_close_fids(struct pplx_mr *mr);
 
 /* engine.c */
 bool engine_progress_locked(struct pplx_engine *e);
+void engine_wake_progress(struct pplx_engine *e);
 
 /* imm.c */
 void imm_arrived(struct pplx_engine *e, uint32_t imm);

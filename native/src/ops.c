@@ -144,6 +144,8 @@ int op_submit(struct pplx_engine *e, struct pplx_op *op)
 		if (rc == 0) {
 			mark_inflight(e, op);
 			atomic_store(&e->kicked, 1);
+			if (atomic_load(&e->napping))
+				engine_wake_progress(e);
 			return 0;
 		}
 		if (rc != -FI_EAGAIN) {
@@ -158,6 +160,8 @@ int op_submit(struct pplx_engine *e, struct pplx_op *op)
 	list_push(&e->pending, op);
 	e->stats.ops_queued++;
 	atomic_store(&e->kicked, 1);
+	atomic_store(&e->spun_ns, 0); /* queued ops need the progress thread now */
+	engine_wake_progress(e);
 	return 0;
 }
 
