@@ -301,6 +301,11 @@ class InterNodeAllToAll:
         self._comb_pending = False
         self._poster: Any = None
         self._proxy: Any = None
+        self._starts: list[int] = []  # first sorted slot of each destination rank
+        self._node_recs: torch.Tensor | None = None  # dispatch rows from node peers
+        self._comb_node: torch.Tensor | None = None  # combine rows from node peers
+        self.has_hmem = False
+        self.fabric_path = "none (one node)"
         if num_remote:
             self._setup_fabric(opts)
 
