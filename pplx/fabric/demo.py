@@ -3,7 +3,8 @@
     python -m pplx.fabric.demo [--provider shm|tcp] [--csv out.csv]
 
 Rank 0 and rank 1 are spawned processes joined by gloo, which only exchanges descriptors.
-- lat: 8-byte write with immediate, ping-pong; one-way time = round trip / 2.
+- lat: 8-byte write with immediate, ping-pong; one-way time = round trip / 2; once as a
+  Python loop, once as a C loop over the same engine (`measure_pingpong`).
 - bw: `n` writes of each size (4 KiB .. 16 MiB) with one immediate each, at most `window`
   in flight; the receiver counts the n arrivals and acks with an immediate. GB/s = bytes /
   (time to the ack). The last write of each size is checked bit-exactly.
@@ -65,7 +66,13 @@ def _rank(rank: int, world: int, provider: str, iters: int, reps: int, window: i
                 wait(IMM_PING)
                 eng.submit_write(src_mr, peer_desc, 8, imm=IMM_PONG)
         if rank == 0:
-            rows.append(_row("lat", 8, lat, provider, "one-way = round trip / 2"))
+            rows.append(_row("lat", 8, lat, provider, "Python loop, one-way = RTT / 2"))
+        # The same ping-pong as a C loop over the engine API: the engine's own cost.
+        c_lat = eng.measure_pingpong(
+            src_mr, peer_desc, iters, initiator=rank == 0, length=8, timeout=TIMEOUT
+        )
+        if rank == 0:
+            rows.append(_row("lat", 8, c_lat, provider, "C loop, one-way = RTT / 2"))
         for size in SIZES:
             n = _writes_for(size)
             slots = BUF_BYTES // size

@@ -312,8 +312,10 @@ class TransferEngine:
         node: source address for the provider (e.g. "127.0.0.1" for tcp on loopback).
         imm_table_size: immediates must be below this (the ImmCounter table's length).
         msg_size, num_send_slots, num_recv_slots: two-sided message slots.
-        spin_us, sleep_us: the progress thread spins `spin_us` after each event, then naps
-            `sleep_us` per idle round (0: spin forever, lowest latency, one core busy).
+        spin_us, sleep_us: the progress thread spins `spin_us` after each event or
+            submission, then naps `sleep_us`, doubling per idle nap up to 250 us (sleep_us 0:
+            spin forever, one core busy). Waits spin `spin_us` past their last progress,
+            driving progress themselves while the progress thread steps aside.
         hmem: ask for FI_HMEM so CUDA memory registers directly (needs a CUDA-enabled
             libfabric, as the AWS EFA installer's).
     """
