@@ -324,15 +324,21 @@ class TritonAllToAll:
             return self.full_m
         return bound_m.reshape(-1)[:1].to(torch.int32)
 
-    def _words(self, t: torch.Tensor) -> torch.Tensor:
-        t = t if t.stride(-1) == 1 else t.contiguous()
-        if t.data_ptr() % self.word_bytes or (t.stride(0) * t.element_size()) % self.word_bytes:
+    def _words(self, t: torch.Tensor, name: str, output: bool = False) -> torch.Tensor:
+        """`[N, H]` rows viewed as `[N, W]` words of `word_bytes` (kernels move words)."""
+        wb = self.word_bytes
+        ok = t.stride(-1) == 1 and t.data_ptr() % wb == 0
+        ok = ok and (t.stride(0) * t.element_size()) % wb == 0
+        if not ok:
+            if output:
+                raise ValueError(
+                    f"{name} must have unit stride along H and {wb}-byte aligned rows "
+                    f"(got strides {tuple(t.stride())}, address {t.data_ptr():#x})"
+                )
             t = t.contiguous()
-        return (
-            t.view(torch.uint8).view(self.word_torch)
-            if t.element_size() == 1
-            else (t.view(self.word_torch))
-        )
+            if t.data_ptr() % wb:
+                t = t.clone()
+        return t.view(torch.uint8).view(self.word_torch)
 
     def _launch(self, kernel, grid: tuple, *args, **kwargs) -> None:
         kernel[grid](*args, **kwargs)
@@ -401,7 +407,7 @@ class TritonAllToAll:
                     BT=self.bt,
                     num_warps=self.num_warps,
                 )
-            x = self._words(dp_x)
+            x = self._words(dp_x, "dp_x")
             if self.has_scale:
                 xs = dp_x_scale.contiguous().view(torch.int32)
                 stride_st = xs.stride(0)
@@ -449,7 +455,7 @@ class TritonAllToAll:
             )
             self._after_launch()
         if do_recv:
-            ex = self._words(out_expert_x)
+            ex = self._words(out_expert_x, "out_expert_x", output=True)
             if self.has_scale:
                 exs = out_expert_x_scale.view(torch.int32)
                 stride_sr = exs.stride(0)
@@ -491,8 +497,6 @@ class TritonAllToAll:
                 MAX_SPIN=self.max_spin,
                 num_warps=self.num_warps,
             )
-            if ex.data_ptr() != out_expert_x.data_ptr():
-                raise ValueError("out_expert_x must be contiguous with word-aligned rows")
             self._after_launch()
 
     # -- combine ---------------------------------------------------------------------------
