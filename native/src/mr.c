@@ -74,11 +74,18 @@ int mr_reg_locked(struct pplx_engine *e, void *ptr, uint64_t len, int device, in
 		if (device == PPLX_DEVICE_CUDA)
 			attr.device.cuda = device_id;
 		rc = fi_mr_regattr(e->dom[d].domain, &attr, 0, &mr->mr[d]);
+		if (rc && device == PPLX_DEVICE_CUDA) {
+			rc = pplx_fail(PPLX_ERR_NO_HMEM,
+				       "fi_mr_regattr(%p, %lu bytes, FI_HMEM_CUDA) on domain %d: %s "
+				       "(this libfabric claims FI_HMEM but was built without CUDA): "
+				       "stage CUDA data through pinned host memory "
+				       "(pplx.fabric.staging)",
+				       ptr, (unsigned long)len, d, fi_strerror(-rc));
+			goto err;
+		}
 		if (rc) {
-			rc = pplx_fail(device == PPLX_DEVICE_CUDA ? PPLX_ERR_NO_HMEM : rc,
-				       "fi_mr_regattr(%p, %lu bytes, %s) on domain %d: %s", ptr,
-				       (unsigned long)len, device == PPLX_DEVICE_CUDA ? "cuda" : "host",
-				       d, fi_strerror(-rc));
+			rc = pplx_fail(rc, "fi_mr_regattr(%p, %lu bytes) on domain %d: %s", ptr,
+				       (unsigned long)len, d, fi_strerror(-rc));
 			goto err;
 		}
 		mr->desc[d] = fi_mr_desc(mr->mr[d]);

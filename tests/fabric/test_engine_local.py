@@ -476,3 +476,68 @@ def test_measure_pingpong_in_c(pair):
     assert len(samples) == 300 and all(0 < s < TIMEOUT * 1e6 for s in samples)
     assert b.imm_counter(0xFFF0).count == 0 and a.imm_counter(0xFFF1).count == 0  # consumed
     assert torch.equal(dst[:8], src[:8])
+
+
+def test_hmem_requested_cuda_still_needs_staging(provider):
+    # hmem=True asks for FI_HMEM: host memory works as before, and CUDA memory on a
+    # libfabric without CUDA support (ours; shm even claims FI_HMEM) names the way out.
+    with make(provider, hmem=True) as a, make(provider, hmem=True) as b:
+        src, dst = rand_bytes(5000, seed=13), poisoned(5000)
+        mr, _ = a.register_tensor(src)
+        _, desc = b.register_tensor(dst)
+        a.submit_write(mr, desc, 4999, src_offset=1, imm=1).wait(TIMEOUT)
+        b.imm_counter(1).wait(1, timeout=TIMEOUT)
+        assert_written(dst, src, 0, 1, 4999)
+        with pytest.raises(HmemNotSupported, match="pplx.fabric.staging"):
+            a.register_memory(src.data_ptr(), 64, device="cuda")
+
+
+def test_concurrent_submitters_and_waiters(provider):
+    # 4 Python threads submit 300 writes each (their own imm and byte range) while the
+    # receiver waits on all 4 counters from 4 threads: the engine lock and the GIL-free
+    # waits must neither lose nor double-count an arrival.
+    import threading
+
+    with make(provider) as a, make(provider) as b:
+        src = rand_bytes(4 * 300 * 64, seed=14)
+        mr, _ = a.register_tensor(src)
+        dst = poisoned(src.numel())
+        _, desc = b.register_tensor(dst)
+        errors: list[BaseException] = []
+
+        def sender(t: int) -> None:
+            try:
+                reqs = [
+                    a.submit_write(
+                        mr,
+                        desc,
+                        64,
+                        src_offset=(t * 300 + k) * 64,
+                        dst_offset=(t * 300 + k) * 64,
+                        imm=100 + t,
+                    )
+                    for k in range(300)
+                ]
+                for r in reqs:
+                    r.wait(TIMEOUT)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        def receiver(t: int) -> None:
+            try:
+                b.imm_counter(100 + t).wait(300, timeout=TIMEOUT)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [
+            threading.Thread(target=f, args=(t,)) for t in range(4) for f in (sender, receiver)
+        ]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(TIMEOUT * 2)
+        assert not errors, errors
+        assert not any(th.is_alive() for th in threads)
+        time.sleep(0.01)
+        assert b.imm_table()[100:104].tolist() == [300] * 4
+        assert torch.equal(dst, src)
