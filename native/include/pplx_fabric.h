@@ -30,6 +30,21 @@
  *    Completion never depends on delivery order (EFA is unordered): count.
  *  - Triggers: "when imm X has arrived N times, store V at address F".
  *
+ * Progress: the progress thread spins spin_us after each event or submission,
+ * then naps (sleep_us, doubling to 250 us). A *_wait call spins spin_us past
+ * its last progress and drives progress itself meanwhile; the progress thread
+ * steps aside while it does (and 1 ms after it succeeded), so a process has
+ * one busy thread, not two; a waiter that gives up wakes it. Fault injection
+ * (fault_window > 0) holds arriving immediates and releases them late and out
+ * of order before they are counted, as EFA may deliver them.
+ *
+ * Providers: hints ask for FI_EP_RDM with FI_RMA and FI_MSG, FI_CONTEXT2,
+ * mr_mode FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_ALLOCATED | FI_MR_PROV_KEY
+ * (what EFA requires; shm and tcp;ofi_rxm need less), and >= 4 bytes of CQ
+ * data (EFA carries 4: immediates are 32 bits). Providers that need
+ * FI_RX_CQ_DATA (posted receives for remote CQ data) or FI_MR_ENDPOINT are
+ * not matched; verbs runs through ofi_rxm, which needs neither.
+ *
  * Threading: every pplx_* call on an engine may be made from any thread
  * (Python threads, a C host-proxy thread): submissions take the engine lock,
  * try to post, and queue the op for the progress thread if libfabric says
