@@ -151,6 +151,9 @@ struct pplx_engine {
 	uint32_t num_held;
 	uint64_t rng;
 
+	uint8_t *zero_mem; /* registered source of imm-only writes */
+	struct pplx_mr *zero_mr;
+
 	/* two-sided messages on domain 0 */
 	uint8_t *send_mem, *recv_mem;
 	struct pplx_mr *send_mr, *recv_mr;

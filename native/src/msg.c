@@ -17,6 +17,14 @@ int msg_init(struct pplx_engine *e)
 	uint32_t ns = e->cfg.num_send_slots, nr = e->cfg.num_recv_slots;
 	int rc;
 
+	/* The source of imm-only writes (zero bytes, but registered). */
+	if (posix_memalign((void **)&e->zero_mem, 4096, 64))
+		return pplx_fail(-FI_ENOMEM, "out of memory");
+	memset(e->zero_mem, 0, 64);
+	rc = mr_reg_locked(e, e->zero_mem, 64, PPLX_DEVICE_HOST, 0, &e->zero_mr);
+	if (rc)
+		return rc;
+
 	if (ns) {
 		if (posix_memalign((void **)&e->send_mem, 4096, sz * ns))
 			return pplx_fail(-FI_ENOMEM, "out of memory");
@@ -71,6 +79,9 @@ static void unlink_mr(struct pplx_engine *e, struct pplx_mr *mr)
 /* After the endpoints are closed and every op failed. */
 void msg_fini(struct pplx_engine *e)
 {
+	if (e->zero_mr)
+		unlink_mr(e, e->zero_mr);
+	free(e->zero_mem);
 	if (e->send_mr)
 		unlink_mr(e, e->send_mr);
 	if (e->recv_mr)

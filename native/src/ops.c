@@ -253,7 +253,7 @@ static int req_new(struct pplx_engine *e, struct pplx_req **out)
 	return 0;
 }
 
-/* Caller holds the lock. One write op from src (may be NULL for imm-only). */
+/* Caller holds the lock. One write op from src (NULL: imm-only, len 0). */
 static int submit_write(struct pplx_engine *e, struct pplx_req *r, struct pplx_mr *src,
 			uint64_t src_offset, struct pplx_rdesc *dst, int dom, uint64_t dst_offset,
 			uint64_t len, int has_imm, uint32_t imm)
@@ -262,9 +262,15 @@ static int submit_write(struct pplx_engine *e, struct pplx_req *r, struct pplx_m
 
 	if (!op)
 		return pplx_fail(-FI_ENOMEM, "out of memory");
+	if (!src) {
+		/* Imm-only: a zero-byte write, still from registered memory with
+		 * its descriptor (FI_MR_LOCAL providers may check it). */
+		src = e->zero_mr;
+		src_offset = 0;
+	}
 	op->kind = OP_WRITE;
 	op->dom = dom;
-	op->buf = src ? (uint8_t *)src->ptr + src_offset : NULL;
+	op->buf = (uint8_t *)src->ptr + src_offset;
 	op->len = len;
 	op->dest = dst->fi_addr[dom];
 	op->raddr = dst->raddr[dom] + dst_offset;
@@ -275,8 +281,7 @@ static int submit_write(struct pplx_engine *e, struct pplx_req *r, struct pplx_m
 	atomic_fetch_add(&r->refs, 1);
 	atomic_fetch_add(&r->total, 1);
 	op->mr = src;
-	if (src)
-		atomic_fetch_add(&src->refs, 1);
+	atomic_fetch_add(&src->refs, 1);
 	return op_submit(e, op);
 }
 
