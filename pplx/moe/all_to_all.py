@@ -87,8 +87,8 @@ class AllToAll:
         max_private_tokens: inter-node path: rows per (source, destination) pair written
             before the counts are known (default: twice the balanced share).
         ranks_per_node: ranks that share memory (a node); None or the world size: one node.
-            Fewer: `pplx.moe.internode.InterNodeAllToAll` (TransferEngine between nodes,
-            the node's process group inside, the torch intra-node path).
+            Fewer: `pplx.moe.internode.InterNodeAllToAll` (TransferEngine between nodes;
+            inside a node the backend's path: torch collectives or the Triton kernels).
         internode: `pplx.moe.internode.InterNodeOptions` (provider, nets_per_gpu, timeouts,
             host proxy) for the inter-node path; None for the defaults.
 
@@ -168,8 +168,7 @@ class AllToAll:
 
         inter = ranks_per_node is not None and ranks_per_node < self.world_size
         if backend is None:
-            # The inter-node path runs its intra-node part with the torch backend.
-            backend = "triton" if self.device.type == "cuda" and not inter else "torch"
+            backend = "triton" if self.device.type == "cuda" else "torch"
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
@@ -194,12 +193,6 @@ class AllToAll:
         if inter:
             from pplx.moe.internode import InterNodeAllToAll
 
-            if backend != "torch":
-                raise NotImplementedError(
-                    f"backend {backend!r} with ranks_per_node={ranks_per_node} < world size "
-                    f"{self.world_size}: the inter-node path runs its intra-node part with the "
-                    "torch backend; pass backend='torch'"
-                )
             self._impl = InterNodeAllToAll(
                 max_num_tokens=max_num_tokens,
                 num_experts=num_experts,
@@ -215,6 +208,7 @@ class AllToAll:
                 ranks_per_node=ranks_per_node,
                 max_private_tokens=max_private_tokens,
                 options=internode,
+                intra_backend=backend,
             )
         elif backend == "triton":
             from pplx.moe.kernels import TritonAllToAll  # lazy: keeps Triton out of imports

@@ -224,8 +224,11 @@ class InterNodeAllToAll:
         ranks_per_node: int,
         max_private_tokens: int | None = None,
         options: InterNodeOptions | None = None,
+        intra_backend: str = "torch",
     ) -> None:
         opts = options or InterNodeOptions()
+        if intra_backend not in ("torch", "triton"):
+            raise ValueError(f"intra_backend must be 'torch' or 'triton', got {intra_backend!r}")
         self.options = opts
         self.group = group
         self.rank, self.world_size = R.group_rank_size(group)
@@ -306,6 +309,10 @@ class InterNodeAllToAll:
         self._comb_node: torch.Tensor | None = None  # combine rows from node peers
         self.has_hmem = False
         self.fabric_path = "none (one node)"
+        self.intra_backend = intra_backend if ranks_per_node > 1 else "torch"
+        self._tri: Any = None
+        if self.intra_backend == "triton":
+            self._setup_triton(in_dtype, out_dtype, scale_dtype)
         if num_remote:
             self._setup_fabric(opts)
 
@@ -381,6 +388,56 @@ class InterNodeAllToAll:
             self._poster = ProxyPoster(self._proxy)
         else:
             self._poster = _EnginePoster(self.engine, self.send_mr, self.descs)
+
+    def _setup_triton(self, in_dtype, out_dtype, scale_dtype) -> None:
+        """The node part through `pplx.moe.kernels.TritonAllToAll` over the node group: each
+        slot bound for a node peer is one token with K' = 1 and weight 1.0, in this rank's
+        sorted slot order (expert, t, k), so the kernels' (source, token) order inside an
+        expert is the contract's (source, t, k), and their combine returns 1.0 * y = y
+        exactly (f32 product, cast back to bf16), which this object then sums in k order."""
+        from pplx.moe.kernels import TritonAllToAll
+
+        p, e_local, c = self.ranks_per_node, self.num_local_experts, self.max_slots
+        dev = self.device
+        self._tri = TritonAllToAll(
+            max_num_tokens=c,
+            num_experts=p * e_local,
+            expert_padding=1,
+            hidden_dim=self.hidden_dim,
+            hidden_dim_scale=self.hidden_dim_scale,
+            in_dtype=in_dtype,
+            out_dtype=out_dtype,
+            scale_dtype=scale_dtype,
+            num_experts_per_token=1,
+            group=self.node_group,
+            device=dev,
+            timeout_s=self.timeout_s,
+        )
+        n = L.max_recv_tokens(c, p, 1, e_local, 1)
+        s = self.hidden_dim_scale
+        self._tri_x = torch.zeros(c, self.hidden_dim, dtype=in_dtype, device=dev)
+        self._tri_xs = torch.zeros(c, s, dtype=torch.float32, device=dev) if s else None
+        self._tri_idx = torch.zeros(c, 1, dtype=torch.int32, device=dev)
+        self._tri_w = torch.ones(c, 1, dtype=torch.float32, device=dev)
+        self._tri_bound = torch.zeros(1, dtype=torch.int32, device=dev)
+        self._tri_num = torch.zeros(e_local, dtype=torch.int32, device=dev)
+        self._tri_ex = torch.empty(n, self.hidden_dim, dtype=in_dtype, device=dev)
+        self._tri_exs = torch.empty(n, s, dtype=torch.float32, device=dev) if s else None
+        self._tri_ey = torch.zeros(n, self.hidden_dim, dtype=out_dtype, device=dev)
+        self._tri_out = torch.empty(c, self.hidden_dim, dtype=out_dtype, device=dev)
+        self._node_rows: torch.Tensor | None = None
+
+    def _tri_dispatch_args(self) -> tuple:
+        return (
+            self._tri_num,
+            self._tri_ex,
+            self._tri_exs,
+            self._tri_x,
+            self._tri_xs,
+            self._tri_idx,
+            self._tri_w,
+            self._tri_bound,
+        )
 
     # ------------------------------------------------------------------ helpers
 
@@ -524,8 +581,8 @@ class InterNodeAllToAll:
             ph.private += _us(t1)
 
         t2 = time.perf_counter()
-        # Node peers: counts all-gather and rows all-to-all over the node group.
-        node_recs = None
+        # Node peers: counts all-gather, then rows over the node group (torch all-to-all)
+        # or the Triton kernels (NVLink / shared memory).
         p = self.ranks_per_node
         if p > 1:
             gathered = [torch.empty_like(my_counts) for _ in range(p)]
@@ -536,10 +593,21 @@ class InterNodeAllToAll:
         n_send_node = [send_counts[r] for r in self.node_ranks]
         n_recv_node = [int(counts[r, me_lo:me_hi].sum()) for r in self.node_ranks]
         lo, hi = starts[self.node_ranks[0]], starts[self.node_ranks[-1]] + n_send_node[-1]
-        node_send = self._pack_records(x, x_scale, tok[lo:hi])
-        node_recs = R.exchange_rows(node_send, n_send_node, n_recv_node, self.node_group)
+        if self._tri is not None:
+            n_node = hi - lo
+            t_node = tok[lo:hi]
+            self._tri_x.view(torch.uint8)[:n_node] = x.contiguous().view(torch.uint8)[t_node]
+            if self._tri_xs is not None:
+                self._tri_xs[:n_node] = x_scale.float()[t_node]
+            node_first = self.node_ranks[0] * e_local
+            self._tri_idx[:n_node, 0] = (flat[send_order[lo:hi]] - node_first).to(torch.int32)
+            self._tri_bound.fill_(n_node)
+            self._tri.dispatch(*self._tri_dispatch_args(), do_send=True, do_recv=False)
+            self._node_recs = None
+        else:
+            node_send = self._pack_records(x, x_scale, tok[lo:hi])
+            self._node_recs = R.exchange_rows(node_send, n_send_node, n_recv_node, self.node_group)
         ph.intra += _us(t2)
-        self._node_recs = node_recs
         self._dispatch = _DispatchState(
             counts=counts,
             layout=None,  # type: ignore[arg-type]  # set once every count is known
@@ -585,6 +653,22 @@ class InterNodeAllToAll:
             self._wait(DISP_OVF, s, self._shards(max(0, n_from[s] - q) * self.rec_bytes))
         ph.recv_wait += _us(t2)
 
+        if self._tri is not None:
+            t_tri = time.perf_counter()
+            self._tri.dispatch(*self._tri_dispatch_args(), do_send=False, do_recv=True)
+            # Node rows in arrival order (source, expert, t, k): where the kernels put them.
+            nr, lo_e = self.node_ranks, self.node_ranks[0] * e_local
+            node_counts = counts[nr[0] : nr[-1] + 1, lo_e : lo_e + len(nr) * e_local]
+            node_layout = L.group_layout(node_counts, 1)
+            self._node_rows = L.recv_rows(node_layout, self.rank - nr[0]).to(self.device)
+            recs = torch.empty(
+                self._node_rows.numel(), self.rec_bytes, dtype=torch.uint8, device=self.device
+            )
+            recs[:, : self.x_bytes] = self._tri_ex.view(torch.uint8)[self._node_rows]
+            if self._tri_exs is not None:
+                recs[:, self.x_bytes :] = self._tri_exs.view(torch.uint8)[self._node_rows]
+            self._node_recs = recs
+            ph.intra += _us(t_tri)
         t3 = time.perf_counter()
         layout = L.group_layout(counts, self.expert_padding)
         st.layout = layout
@@ -719,7 +803,21 @@ class InterNodeAllToAll:
         nr = self.node_ranks
         send = torch.cat([y[seg[r] : seg[r] + n_from[r]] for r in nr]) if nr else y[:0]
         n_back = [st.send_counts[r] for r in nr]
-        self._comb_node = R.exchange_rows(send, [n_from[r] for r in nr], n_back, self.node_group)
+        if self._tri is not None:
+            self._tri_ey.view(torch.uint8)[self._node_rows] = send
+            self._tri.combine(
+                self._tri_out,
+                self._tri_idx,
+                self._tri_w,
+                self._tri_ey,
+                self._tri_bound,
+                do_send=True,
+                do_recv=False,
+            )
+        else:
+            self._comb_node = R.exchange_rows(
+                send, [n_from[r] for r in nr], n_back, self.node_group
+            )
         self.phase.combine_send = _us(t0)
 
     def _combine_recv(self, out_tokens, weights, accumulate) -> None:
@@ -727,6 +825,18 @@ class InterNodeAllToAll:
         t0 = time.perf_counter()
         q = self.max_private
         dev = out_tokens.device
+        if self._tri is not None:
+            self._tri.combine(
+                self._tri_out,
+                self._tri_idx,
+                self._tri_w,
+                self._tri_ey,
+                self._tri_bound,
+                do_send=False,
+                do_recv=True,
+            )
+            n_node = sum(st.send_counts[r] for r in self.node_ranks)
+            self._comb_node = self._tri_out[:n_node].view(torch.uint8)
         for d in self.remote_ranks:
             n = st.send_counts[d]
             arrivals = self._shards(min(n, q) * self.y_bytes)
@@ -790,6 +900,9 @@ class InterNodeAllToAll:
         if self._proxy is not None:
             self._proxy.close()
             self._proxy = None
+        if self._tri is not None:
+            self._tri.destroy()
+            self._tri = None
         if self._poster is not None:
             self._poster.close()
             self._poster = None

@@ -53,6 +53,7 @@ class Case:
     shard_threshold: int | None = None
     direct: bool = False  # InterNodeAllToAll itself (also for one node)
     proxy: bool = False
+    backend: str = "torch"  # intra-node part: torch collectives or Triton kernels
 
 
 def _run_case(rank: int, world: int, seed: int, c: Case) -> dict:
@@ -80,7 +81,7 @@ def _run_case(rank: int, world: int, seed: int, c: Case) -> dict:
     )
     a2a = AllToAll(
         **kw,
-        backend="torch",
+        backend=c.backend,
         max_private_tokens=c.max_private,
         ranks_per_node=c.ranks_per_node,
         internode=opts,
@@ -99,6 +100,8 @@ def _run_case(rank: int, world: int, seed: int, c: Case) -> dict:
     if isinstance(a2a._impl, InterNodeAllToAll):
         info["fabric_path"] = a2a._impl.fabric_path if a2a._impl.engine else "none"
         info["poster"] = a2a._impl._poster.name if a2a._impl._poster else "none"
+        info["intra"] = a2a._impl.intra_backend
+        info["triton_used"] = a2a._impl._tri is not None
     with a2a:
         for it in range(c.iters):
             inputs = TT.random_group_inputs(
@@ -250,6 +253,39 @@ CASES_3 = [
 ]
 
 
+CASES_TRITON = [
+    Case(
+        "2x2 Triton intra-node, bf16, overflow, split, 2 rounds",
+        2,
+        tokens=5,
+        max_private=2,
+        split=True,
+        iters=2,
+        backend="triton",
+        padding=4,
+    ),
+    Case(
+        "2x2 Triton intra-node, fp8, bound_m",
+        2,
+        tokens=4,
+        fp8=True,
+        bound_ms=(2, 4, 0, 3),
+        backend="triton",
+    ),
+]
+
+
+def _run_triton(rank: int, world: int) -> list[dict]:
+    os.environ["TRITON_INTERPRET"] = "1"  # before pplx.moe.kernels is imported
+    return _run_cases(rank, world, CASES_TRITON)
+
+
+def test_internode_triton_intra_node_under_interpreter():
+    infos = TT.spawn(_run_triton, 4, (), timeout_s=300)
+    assert any(i[0]["overflowed"] for i in infos), infos
+    assert all(i[0]["intra"] == "triton" and i[0]["triton_used"] for i in infos), infos
+
+
 def _construction_errors(rank: int, world: int) -> list[str]:
     msgs = []
     kw = dict(
@@ -319,7 +355,10 @@ def _dying_rank(rank: int, world: int, timeout_s: float) -> str:
         internode=InterNodeOptions(timeout_s=timeout_s),
     )
     if rank == 1:
-        os._exit(0)  # dies after construction, before its first dispatch
+        # Dies after construction, before its first dispatch; the pause lets the last
+        # gloo message of the constructor reach rank 0 first.
+        time.sleep(1.0)
+        os._exit(0)
     inp = TT.random_group_inputs(5, world, 4, 64, 4, 2)[rank]
     outs = a2a.alloc_dispatch_outputs()
     t0 = time.monotonic()
