@@ -100,7 +100,7 @@ def _rank_main(rank: int, world: int, args: argparse.Namespace, shape: Shape, pe
         torch.float32 if shape.fp8 else None,
         shape.topk,
         device=device,
-        backend="torch",
+        backend=args.backend,
         ranks_per_node=per_node,
         max_private_tokens=args.max_private_tokens,
         internode=InterNodeOptions(
@@ -190,6 +190,7 @@ def _rank_main(rank: int, world: int, args: argparse.Namespace, shape: Shape, pe
         "poster": getattr(getattr(impl, "_poster", None), "name", "none"),
         "provider": impl.engine.provider if impl is not None and impl.engine else "",
         "max_private": getattr(impl, "max_private", 0),
+        "intra": getattr(impl, "intra_backend", args.backend),
     }
     a2a.destroy()
     return info
@@ -242,7 +243,8 @@ def _moe_rows(args, shape: Shape, world: int, per_node: int) -> list[Row]:
                 gbps_fabric=nbytes / p50 / 1e3 if p50 else 0.0,
                 baseline="baseline all_to_all_single",
                 ratio=b50 / p50 if p50 else 0.0,
-                notes=f"{check}; {r0['fabric_path']}; poster {r0['poster']}; Q={r0['max_private']}",
+                notes=f"{check}; {r0['fabric_path']}; poster {r0['poster']}; "
+                f"intra {r0['intra']}; Q={r0['max_private']}",
                 **common,
             )
         )
@@ -402,6 +404,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--padding", type=int, default=1, help="expert_padding")
+    p.add_argument(
+        "--backend",
+        choices=("torch", "triton"),
+        default=None,
+        help="intra-node part: triton (default on cuda; the interpreter on cpu) or torch",
+    )
     p.add_argument("--max-private-tokens", type=int, default=None)
     p.add_argument("--provider", default=os.environ.get("PPLX_MOE_PROVIDER", "shm"))
     p.add_argument("--nets-per-gpu", type=int, default=1)
@@ -424,6 +432,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if s not in SHAPES:
             p.error(f"--shapes: unknown shape {s!r}, expected some of {sorted(SHAPES)}")
     a.iters = a.iters or (50 if a.device == "cuda" else 10)
+    a.backend = a.backend or ("triton" if a.device == "cuda" else "torch")
+    if a.backend == "triton" and a.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # inherited by the spawned ranks
     a.ranks = [int(r) for r in (a.ranks or "2,4").split(",")]
     for r in a.ranks:
         per = a.ranks_per_node or max(1, r // 2)

@@ -383,13 +383,20 @@ def test_dead_rank_makes_peers_fail_within_timeout():
 
 
 @pytest.mark.gpu
-def test_two_gpus_as_two_nodes():
-    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 CUDA devices")
-    TT.spawn(_gpu_case, 2, (), timeout_s=300, backend="nccl")
+@pytest.mark.parametrize(
+    "world,per_node,backend",
+    [(2, 1, "torch"), (4, 2, "triton"), (4, 2, "torch")],
+    ids=["2gpus-2x1", "4gpus-2x2-triton", "4gpus-2x2-torch"],
+)
+def test_gpus_as_nodes(world, per_node, backend):
+    if not torch.cuda.is_available() or torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} CUDA devices")
+    paths = TT.spawn(_gpu_case, world, (per_node, backend), timeout_s=300, backend="nccl")
+    # Rows cross the fabric through pinned host memory (no FI_HMEM here) or directly.
+    assert all(p.startswith(("staged", "direct")) for p in paths), paths
 
 
-def _gpu_case(rank: int, world: int) -> None:
+def _gpu_case(rank: int, world: int, per_node: int, backend: str) -> str:
     torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank)
     experts, topk, hidden = 16, 4, 7168
@@ -405,9 +412,11 @@ def _gpu_case(rank: int, world: int) -> None:
         torch.float32,
         topk,
         device=dev,
-        ranks_per_node=1,
+        backend=backend,
+        ranks_per_node=per_node,
         max_private_tokens=16,
     )
+    path = a2a._impl.fabric_path
     want = R.reference_dispatch(
         [i.x for i in inputs],
         [i.x_scale for i in inputs],
@@ -448,3 +457,4 @@ def _gpu_case(rank: int, world: int) -> None:
             out = a2a.alloc_combine_output()
             a2a.combine(out, me.indices.to(dev), me.weights.to(dev), y.to(dev))
             TT.assert_close(out, want_out, "combine", atol=COMBINE_ATOL, rtol=COMBINE_RTOL)
+    return path
