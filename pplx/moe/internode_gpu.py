@@ -33,7 +33,9 @@ import triton.language as tl
 from pplx.fabric.engine import TransferEngine
 from pplx.fabric.proxy import CONSUMED, HostProxy
 
-MAX_SPINS = 1 << 30
+# Polls before the kernel gives up: a poll of host memory over PCIe takes about 1 us, so
+# 2^24 polls is ~17 s: far above a round trip, short enough that a lost proxy ends a run.
+MAX_SPINS = 1 << 24
 
 
 @triton.jit
