@@ -9,9 +9,13 @@ still running after `timeout_s` are killed and named, so a hang is a failure, no
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import multiprocessing as mp
+import os
 import queue
+import signal
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable, Collection
@@ -28,6 +32,9 @@ def free_port() -> int:
 def _child(fn, rank, world_size, port, args, results, timeout_s) -> None:
     import torch.distributed as dist
 
+    # The parent sends SIGUSR1 to a rank that is still running at the deadline: every
+    # thread's Python stack goes to stderr before the kill, so a hang shows where it is.
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     try:
         dist.init_process_group(
             "gloo",
@@ -121,6 +128,13 @@ def spawn(
         for p in procs:
             p.join(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
         stuck = [r for r, p in enumerate(procs) if p.is_alive()]
+        for r in stuck:
+            try:
+                os.kill(procs[r].pid, signal.SIGUSR1)
+            except OSError:
+                pass
+        if stuck:
+            time.sleep(1.0)  # let faulthandler write the stacks
         for p in procs:
             if p.is_alive():
                 p.kill()
