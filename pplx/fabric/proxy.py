@@ -19,12 +19,16 @@ Example::
     proxy.wait(1)                                # sender completion of 1 item
     proxy.close()
 
+Warning: close the proxy before its engine (`InterNodeAllToAll.destroy` does): the thread
+posts on the engine until `close()`; a proxy that is garbage-collected is closed then.
+
 Warning: one producer per proxy: `submit` (C, the fast path) and `put` (the ring written
 from Python, as a GPU kernel would) keep separate tickets; use one of them per proxy.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -98,6 +102,9 @@ class HostProxy:
             "HostProxy",
         )
         self._h = out[0]
+        # Stops the thread if the object is collected without close() (the engine, which
+        # this object references, is still alive then).
+        self._finalizer = weakref.finalize(self, lib.pplx_proxy_destroy, out[0], 5_000_000)
         self._ring_owner = ring
         items, n, ctrs = (
             ffi.new("struct pplx_proxy_item **"),
@@ -222,6 +229,7 @@ class HostProxy:
         if self._h is None:
             return
         h, self._h = self._h, None
+        self._finalizer.detach()
         lib.pplx_proxy_destroy(h, int(timeout * 1e6))
         self._ring_np = self._ctr_np = None
         self.ring = self.counters = None

@@ -125,3 +125,20 @@ def test_proxy_on_caller_ring_and_roundtrip():
     finally:
         a.close()
         b.close()
+
+
+def test_dropped_proxy_stops_before_engine_closes():
+    import gc
+
+    a, b = make("shm"), make("shm")
+    src_mr, _ = a.register_tensor(rand_bytes(64, 5))
+    dst = torch.full((64,), POISON, dtype=torch.uint8)
+    _, d = b.register_tensor(dst)
+    p = HostProxy(a, src_mr, [d], num_slots=4)
+    p.submit(0, nbytes=8, imm=2)
+    p.wait(timeout=T)
+    del p
+    gc.collect()  # the finalizer joined the thread: closing the engine now is safe
+    a.close()
+    b.imm_counter(2).wait(1, timeout=T)
+    b.close()
