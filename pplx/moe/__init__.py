@@ -2,7 +2,8 @@
 
 - `pplx.moe.reference`: the contract in plain torch (single-process and process-group).
 - `pplx.moe.layout`: placement, buffer sizes, offsets and the row map.
-- `pplx.moe.AllToAll`: the public object (`backend="torch"` or `"triton"`).
+- `pplx.moe.AllToAll`: the public object (`backend="torch"` or `"triton"`); with
+  `ranks_per_node` < world size it runs `pplx.moe.internode` (TransferEngine between nodes).
 - `pplx.moe.baseline`: dispatch/combine written by hand with `all_to_all_single`.
 - `pplx.moe.testing`: random inputs, poisoning, comparisons, a multi-process runner.
 
