@@ -144,7 +144,7 @@ def _remote_bytes(indices: torch.Tensor, rank: int, e_local: int, row_bytes: int
 # ------------------------------------------------------------------------------- impls
 
 
-def _bench_triton(shape, rank, world_size, device, group, iters, warmup, timer):
+def _bench_triton(shape, rank, world_size, device, group, iters, warmup, timer, sync=None):
     from pplx.moe import layout as L
     from pplx.moe.kernels import TritonAllToAll
 
@@ -162,6 +162,7 @@ def _bench_triton(shape, rank, world_size, device, group, iters, warmup, timer):
         num_experts_per_token=shape.topk,
         group=group,
         device=device,
+        sync=sync,
     )
     rows = at.max_recv_tokens
     e_local = shape.experts // world_size
@@ -389,6 +390,14 @@ def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> list[Row
             "torch": _bench_torch_backend,
         }
         for impl in impls:
+            if impl == "triton" and args.sync:
+                # One row set per signalling protocol, timed in the same run.
+                for sync in args.sync:
+                    s = _bench_triton(
+                        shape, rank, world_size, device, group, args.iters, args.warmup, timer, sync
+                    )
+                    results[f"triton-{sync}"] = _slowest(s, group)
+                continue
             s = bench[impl](shape, rank, world_size, device, group, args.iters, args.warmup, timer)
             results[impl] = _slowest(s, group)
         if rank != 0:
@@ -425,7 +434,7 @@ def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> list[Row
                 phase = "disp" if key in ("disp", "ds", "dr") else "comb"
                 nbytes = (
                     phase_bytes[key]
-                    if impl == "triton"
+                    if impl.startswith("triton")
                     else (d_slot if phase == "disp" else c_slot)
                 )
                 rows.append(
@@ -493,9 +502,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run)")
     p.add_argument("--cpu", action="store_true", help="force CPU (gloo, interpreter)")
     p.add_argument("--csv", default=DEFAULT_CSV, help="CSV to append to ('' for none)")
+    p.add_argument(
+        "--sync",
+        default="",
+        help="comma list of Triton signalling protocols to time side by side (v1,v2); "
+        "rows are named triton-<sync>; default: one 'triton' row set, default protocol",
+    )
     args = p.parse_args(argv)
     args.cases = [c for c in args.cases.split(",") if c]
     args.impls = [c for c in args.impls.split(",") if c]
+    args.sync = [c for c in args.sync.split(",") if c]
     if not torch.cuda.is_available():
         args.cpu = True
     if args.cpu and not args.quick:

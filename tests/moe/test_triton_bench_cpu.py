@@ -1,5 +1,6 @@
 """`python -m pplx.bench moe` runs on CPU (gloo, torch backend, Triton interpreter) and
-writes the shared CSV schema with one row per implementation and phase."""
+writes the shared CSV schema with one row per implementation and phase; `--sync v1,v2`
+times both Triton signalling protocols side by side."""
 
 from __future__ import annotations
 
@@ -23,19 +24,22 @@ def test_bench_moe_quick_cpu(tmp_path) -> None:
         "0",
         "--csv",
         str(path),
+        "--sync",
+        "v1,v2",
     ]
     assert moe.main(argv) == 0
     with path.open() as f:
         rows = list(csv.DictReader(f))
     impls = {r["impl"] for r in rows}
     for phase in ("dispatch", "combine"):
-        for impl in ("triton", "baseline", "payload", "torch"):
+        for impl in ("triton-v1", "triton-v2", "baseline", "payload", "torch"):
             assert f"{impl}:{phase}" in impls, sorted(impls)
-    assert {
-        "triton:dispatch-send",
-        "triton:dispatch-recv",
-        "triton:combine-send",
-        "triton:combine-recv",
-    } <= impls
+    for sync in ("v1", "v2"):
+        assert {
+            f"triton-{sync}:dispatch-send",
+            f"triton-{sync}:dispatch-recv",
+            f"triton-{sync}:combine-send",
+            f"triton-{sync}:combine-recv",
+        } <= impls
     for r in rows:
         assert r["bench"] == "moe" and r["ranks"] == "2" and float(r["p50_us"]) > 0, r

@@ -4,6 +4,8 @@ in GPU-only code paths (pointer casts, atomics with scopes, cache modifiers) sho
 The kernels are launched through `TritonAllToAll._launch`, here replaced by a recorder that
 keeps the arguments of each launch; each recorded launch is then compiled with
 `triton.compile` for `GPUTarget("cuda", 90, 32)` (Triton's bundled ptxas makes the cubin).
+The inline-PTX polls (`ld.acquire.sys`, CUDA only) are switched on as on a GPU, and
+both signalling protocols ("v1", "v2") are compiled.
 Runs in a subprocess without TRITON_INTERPRET, since decorated kernels are interpreted
 functions when that variable was set at import.
 """
@@ -33,15 +35,17 @@ _SCRIPT = textwrap.dedent(
     TY = {torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.uint8: "u8",
           torch.float32: "fp32", torch.bfloat16: "bf16"}
 
-    def record(in_dtype, world_size, tokens, hidden, experts, topk):
+    def record(in_dtype, world_size, tokens, hidden, experts, topk, sync):
         at = TritonAllToAll.__new__(TritonAllToAll)
         at.device, at.rank, at.group = torch.device("cpu"), 1, None
         scales = L.hidden_dim_scale(hidden) if in_dtype.itemsize == 1 else 0
         at._configure(world_size=world_size, max_num_tokens=tokens, num_experts=experts,
                       expert_padding=16, hidden_dim=hidden, hidden_dim_scale=scales,
                       in_dtype=in_dtype, out_dtype=torch.bfloat16,
-                      num_experts_per_token=topk, timeout_s=1.0, block_tokens=None)
+                      num_experts_per_token=topk, timeout_s=1.0, block_tokens=None,
+                      sync=sync)
         at.num_warps = 8
+        at.asm = True  # as on CUDA: the inline-PTX acquire polls
         at._alloc_private(torch.device("cpu"))
         at.buffers = SimpleNamespace(ptrs=torch.zeros(world_size, dtype=torch.int64))
         launches = []
@@ -79,10 +83,11 @@ _SCRIPT = textwrap.dedent(
         return kernel.fn.__name__
 
     done = []
-    # Decode shapes of the benchmark (fp8 with scales; fused prefix, no count kernel) and a
-    # bf16 prefill-like T=1024, hidden 2880 (count kernel).
-    for cfg in [(torch.float8_e4m3fn, 4, 128, 7168, 256, 8),
-                (torch.bfloat16, 2, 1024, 2880, 64, 4)]:
+    # Decode shapes of the benchmark (fp8 with scales; fused prefix, no count kernel) with
+    # both signalling protocols and a bf16 prefill-like T=1024, hidden 2880 (count kernel).
+    for cfg in [(torch.float8_e4m3fn, 4, 128, 7168, 256, 8, "v2"),
+                (torch.float8_e4m3fn, 4, 128, 7168, 256, 8, "v1"),
+                (torch.bfloat16, 2, 1024, 2880, 64, 4, "v2")]:
         for kernel, args, kwargs in record(*cfg):
             done.append(compile_one(kernel, args, kwargs))
     print(" ".join(done))
@@ -114,4 +119,4 @@ def test_kernels_compile_for_sm90() -> None:
         "_combine_send_kernel",
         "_combine_recv_kernel",
     }
-    assert set(names) == want and len(names) == 2 * len(want) - 1, names
+    assert set(names) == want and len(names) == 3 * len(want) - 2, names

@@ -89,8 +89,9 @@ def _cases(world_size: int):
                     hidden_dim=32,
                     in_dtype=torch.bfloat16,
                     num_experts_per_token=4,
+                    sync="v1",  # the previous signalling protocol stays covered
                 ),
-                [Case("K == E (every token to every expert)", 4, 32, 4, 4)],
+                [Case("K == E (every token to every expert), sync v1", 4, 32, 4, 4)],
             ),
         ]
     return [

@@ -13,9 +13,9 @@ Regions (per rank; "src" indexes the rank that wrote the data):
 
 | region          | shape             | dtype   | written by                  |
 |-----------------|-------------------|---------|-----------------------------|
-| disp_flag       | [R]               | int32   | dispatch send of src        |
+| disp_flag       | [R, NC]           | int32   | dispatch send of src        |
 | disp_ack        | [R]               | int32   | dispatch recv of peer       |
-| comb_flag       | [R]               | int32   | combine send of src         |
+| comb_flag       | [R, CC]           | int32   | combine send of src         |
 | comb_ack        | [R]               | int32   | combine recv of peer        |
 | counts          | [R, E_local]      | int32   | dispatch send of src        |
 | ntok            | [R]               | int32   | dispatch send of src        |
@@ -24,6 +24,9 @@ Regions (per rank; "src" indexes the rank that wrote the data):
 | rows            | [R, T, row_bytes] | bytes   | dispatch send of src        |
 | scales          | [R, T, S]         | float32 | dispatch send of src (fp8)  |
 | comb_rows       | [R, T, H]         | out     | combine send of src         |
+
+NC / CC: send programs per destination of dispatch / combine (one flag slot each with the
+"v2" protocol; "v1" uses only column 0 as a per-source counter).
 
 Each region starts on a 128-byte boundary, so rows can move as 8-byte words.
 """
@@ -74,14 +77,16 @@ class BufferLayout:
         hidden_dim_scale: int,
         has_scale: bool,
         out_elem_bytes: int,
+        disp_signals: int = 1,
+        comb_signals: int = 1,
     ) -> BufferLayout:
         r, t, k = world_size, max_num_tokens, num_experts_per_token
         # Row stride rounded to 16 bytes: aligned 8-byte words and 16-byte vector stores.
         row_bytes = _align(hidden_dim * in_elem_bytes, 16)
         sizes = [
-            ("disp_flag", 4 * r),
+            ("disp_flag", 4 * r * disp_signals),
             ("disp_ack", 4 * r),
-            ("comb_flag", 4 * r),
+            ("comb_flag", 4 * r * comb_signals),
             ("comb_ack", 4 * r),
             ("counts", 4 * r * num_local_experts),
             ("ntok", 4 * r),

@@ -28,7 +28,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from pplx.moe.kernels.sync_kernels import last_program_done, peer_ptr, signal_add, wait_ge
+from pplx.moe.kernels.sync_kernels import (
+    ack_peers,
+    last_program_done,
+    peer_ptr,
+    signal_add,
+    signal_set,
+    wait_all_ge,
+    wait_ge,
+    wait_one_ge,
+)
 
 
 @triton.jit
@@ -48,24 +57,26 @@ def _combine_send_kernel(
     H,
     COMB_STRIDE,  # row stride of the combine area, elements
     K: tl.constexpr,
-    K_PAD: tl.constexpr,
     CB: tl.constexpr,
     BLOCK_H: tl.constexpr,
     OUT_DTYPE: tl.constexpr,
     MAX_SPIN: tl.constexpr,
+    CC: tl.constexpr,
+    SYNC2: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     s = tl.program_id(0)
     cc = tl.program_id(1)
     epoch = tl.load(state_ptr + 1)
-    wait_ge(peer_ptr(table_ptr, rank, off_comb_ack, tl.int32) + s, epoch, state_ptr + 4, MAX_SPIN)
+    ack = peer_ptr(table_ptr, rank, off_comb_ack, tl.int32) + s
+    if SYNC2:
+        wait_one_ge(ack, epoch, state_ptr + 4, MAX_SPIN, ASM)
+    else:
+        wait_ge(ack, epoch, state_ptr + 4, MAX_SPIN)
     ntok = tl.load(comb_ntok_ptr + s)
     j = cc * CB + tl.arange(0, CB)  # [CB]
     j_ok = j < ntok
-    kk = tl.arange(0, K_PAD)
-    rec = (s * T_MAX + j)[:, None] * K + kk[None, :]
-    rec_ok = j_ok[:, None] & (kk[None, :] < K)
-    rows = tl.load(comb_row_ptr + rec, mask=rec_ok, other=-1)  # [CB, K]
-    ws = tl.load(comb_w_ptr + rec, mask=rec_ok, other=0.0)  # [CB, K]
+    slot = (s * T_MAX + j) * K  # [CB] first record of each received token
     dst = (
         peer_ptr(table_ptr, s, off_comb_rows, OUT_DTYPE) + (rank * T_MAX + j)[:, None] * COMB_STRIDE
     )
@@ -74,8 +85,9 @@ def _combine_send_kernel(
         h_ok = ho < H
         acc = tl.zeros([CB, BLOCK_H], dtype=tl.float32)
         for k in tl.static_range(K):
-            r_k = tl.sum(tl.where(kk[None, :] == k, rows, 0), axis=1)  # [CB]
-            w_k = tl.sum(tl.where(kk[None, :] == k, ws, 0.0), axis=1)  # [CB]
+            # Loads of slot k (L1 hits after the first h tile), not a reduction per k.
+            r_k = tl.load(comb_row_ptr + slot + k, mask=j_ok, other=-1)  # [CB]
+            w_k = tl.load(comb_w_ptr + slot + k, mask=j_ok, other=0.0)  # [CB]
             y = tl.load(
                 expert_y_ptr + r_k[:, None] * stride_yr + ho[None, :],
                 mask=(r_k >= 0)[:, None] & h_ok[None, :],
@@ -83,7 +95,11 @@ def _combine_send_kernel(
             )
             acc += w_k[:, None] * y.to(tl.float32)
         tl.store(dst + ho[None, :], acc.to(OUT_DTYPE), mask=j_ok[:, None] & h_ok[None, :])
-    signal_add(peer_ptr(table_ptr, s, off_comb_flag, tl.int32) + rank)
+    if SYNC2:
+        # v2: slot (rank, cc) of s's [R, CC] flags, value epoch + 1.
+        signal_set(peer_ptr(table_ptr, s, off_comb_flag, tl.int32) + rank * CC + cc, epoch + 1)
+    else:
+        signal_add(peer_ptr(table_ptr, s, off_comb_flag, tl.int32) + rank)
 
 
 @triton.jit
@@ -111,12 +127,16 @@ def _combine_recv_kernel(
     ACCUMULATE: tl.constexpr,
     OUT_DTYPE: tl.constexpr,
     MAX_SPIN: tl.constexpr,
+    CB: tl.constexpr,
+    SYNC2: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     b = tl.program_id(0)
     epoch = tl.load(state_ptr + 1)
     flags = peer_ptr(table_ptr, rank, off_comb_flag, tl.int32)
-    for r in range(R):
-        wait_ge(flags + r, (epoch + 1) * CC, state_ptr + 4, MAX_SPIN)
+    if not SYNC2:
+        for r in range(R):
+            wait_ge(flags + r, (epoch + 1) * CC, state_ptr + 4, MAX_SPIN)
     m = tl.minimum(tl.load(bound_m_ptr), num_tokens)
     t = b * TB + tl.arange(0, TB)  # [TB]
     t_ok = t < m
@@ -126,13 +146,19 @@ def _combine_recv_kernel(
         mask=t_ok[:, None] & (rr[None, :] < R),
         other=-1,
     )  # [TB, R]
+    if SYNC2:
+        # Only the send programs that hold this program's rows: rank d's program
+        # pos // CB wrote row pos of d's part of the combine area (one vector poll).
+        need = pos >= 0
+        fofs = rr[None, :] * CC + tl.where(need, pos, 0) // CB
+        wait_all_ge(flags, fofs, need, epoch + 1, state_ptr + 4, MAX_SPIN, ASM)
     area = peer_ptr(table_ptr, rank, off_comb_rows, OUT_DTYPE)
     for h0 in range(0, H, BLOCK_H):
         ho = h0 + tl.arange(0, BLOCK_H)
         h_ok = ho < H
         acc = tl.zeros([TB, BLOCK_H], dtype=tl.float32)
         for d in tl.static_range(R):
-            p_r = tl.sum(tl.where(rr[None, :] == d, pos, 0), axis=1)  # [TB]
+            p_r = tl.load(send_pos_ptr + t * R + d, mask=t_ok, other=-1)  # [TB], no reduction
             v = tl.load(
                 area + (d * T_MAX + p_r)[:, None] * COMB_STRIDE + ho[None, :],
                 mask=(p_r >= 0)[:, None] & h_ok[None, :],
@@ -146,7 +172,10 @@ def _combine_recv_kernel(
             acc = tl.load(o_ptr, mask=ok, other=0.0).to(tl.float32) + acc
         tl.store(o_ptr, acc.to(OUT_DTYPE), mask=ok)
     if last_program_done(state_ptr + 3, NB):
-        for peer in range(R):
-            ack = peer_ptr(table_ptr, peer, off_comb_ack, tl.int32) + rank
-            tl.atomic_xchg(ack, epoch + 1, sem="release", scope="sys")
+        if SYNC2:
+            ack_peers(table_ptr, off_comb_ack, rank, epoch + 1, R, R_PAD)
+        else:
+            for peer in range(R):
+                ack = peer_ptr(table_ptr, peer, off_comb_ack, tl.int32) + rank
+                tl.atomic_xchg(ack, epoch + 1, sem="release", scope="sys")
         tl.store(state_ptr + 1, epoch + 1)

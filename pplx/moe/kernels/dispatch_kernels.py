@@ -28,7 +28,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from pplx.moe.kernels.sync_kernels import last_program_done, peer_ptr, signal_add, wait_ge
+from pplx.moe.kernels.sync_kernels import (
+    ack_peers,
+    last_program_done,
+    peer_ptr,
+    signal_add,
+    signal_set,
+    wait_all_ge,
+    wait_ge,
+    wait_one_ge,
+)
 
 
 @triton.jit
@@ -113,13 +122,19 @@ def _dispatch_send_kernel(
     MAX_SPIN: tl.constexpr,
     FUSED_PREFIX: tl.constexpr,
     PB: tl.constexpr,
+    SYNC2: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     c = tl.program_id(0)
     d = tl.program_id(1)
     m = _live_tokens(bound_m_ptr, num_tokens)
     epoch = tl.load(state_ptr)
     # Buffer reuse: d must have consumed our previous dispatch before we overwrite it.
-    wait_ge(peer_ptr(table_ptr, rank, off_disp_ack, tl.int32) + d, epoch, state_ptr + 4, MAX_SPIN)
+    ack = peer_ptr(table_ptr, rank, off_disp_ack, tl.int32) + d
+    if SYNC2:
+        wait_one_ge(ack, epoch, state_ptr + 4, MAX_SPIN, ASM)
+    else:
+        wait_ge(ack, epoch, state_ptr + 4, MAX_SPIN)
 
     cols = tl.arange(0, E_LOCAL_PAD)
     # Prefix over earlier chunks: slots per expert of d and tokens reaching d before chunk c.
@@ -127,6 +142,10 @@ def _dispatch_send_kernel(
     base_p = tl.program_id(0) * 0
     if FUSED_PREFIX:
         # Small T (decode): recount the earlier tokens here instead of a count kernel.
+        # Elementwise accumulation, ONE reduction at the end: each cross-warp reduction
+        # is a barrier round, and the last chunk's program used to chain 4 * (K + 1) of them.
+        acc_q = tl.zeros([PB, E_LOCAL_PAD], dtype=tl.int32)
+        acc_p = tl.zeros([PB], dtype=tl.int32)
         for t0 in range(0, c * BT, PB):
             tt = t0 + tl.arange(0, PB)
             tt_ok = (tt < c * BT) & (tt < m)
@@ -135,9 +154,11 @@ def _dispatch_send_kernel(
                 g = tl.load(indices_ptr + tt * stride_it + k, mask=tt_ok, other=0).to(tl.int32)
                 on = tt_ok & (g >= d * E_LOCAL) & (g < (d + 1) * E_LOCAL)
                 oh = ((g - d * E_LOCAL)[:, None] == cols[None, :]) & on[:, None]
-                base_q += tl.sum(oh.to(tl.int32), axis=0)
+                acc_q += oh.to(tl.int32)
                 hit_p = tl.maximum(hit_p, on.to(tl.int32))
-            base_p += tl.sum(hit_p, axis=0)
+            acc_p += hit_p
+        base_q = tl.sum(acc_q, axis=0)
+        base_p = tl.sum(acc_p, axis=0)
     else:
         for c0 in range(0, c, CB):
             cc = c0 + tl.arange(0, CB)  # [CB]
@@ -202,7 +223,11 @@ def _dispatch_send_kernel(
         cnt_dst = peer_ptr(table_ptr, d, off_counts, tl.int32) + rank * E_LOCAL
         tl.store(cnt_dst + cols, base_q + tl.sum(oh_sum, axis=0), mask=cols < E_LOCAL)
         tl.store(peer_ptr(table_ptr, d, off_ntok, tl.int32) + rank, base_p + tl.sum(hit, axis=0))
-    signal_add(peer_ptr(table_ptr, d, off_disp_flag, tl.int32) + rank)
+    if SYNC2:
+        # v2: slot (rank, c) of d's [R, NC] flags, value epoch + 1.
+        signal_set(peer_ptr(table_ptr, d, off_disp_flag, tl.int32) + rank * NC + c, epoch + 1)
+    else:
+        signal_add(peer_ptr(table_ptr, d, off_disp_flag, tl.int32) + rank)
 
 
 @triton.jit
@@ -240,19 +265,30 @@ def _dispatch_recv_kernel(
     R: tl.constexpr,
     R_PAD: tl.constexpr,
     NC: tl.constexpr,
+    NC_PAD: tl.constexpr,
     RB: tl.constexpr,
     RC: tl.constexpr,
     BLOCK_W: tl.constexpr,
     S_PAD: tl.constexpr,
     WORD: tl.constexpr,
     MAX_SPIN: tl.constexpr,
+    SYNC2: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     s = tl.program_id(0)
     rc = tl.program_id(1)
     epoch = tl.load(state_ptr)
     flags = peer_ptr(table_ptr, rank, off_disp_flag, tl.int32)
-    for r in range(R):
-        wait_ge(flags + r, (epoch + 1) * NC, state_ptr + 4, MAX_SPIN)
+    if SYNC2:
+        # Only what this program reads: every chunk of source s (its rows and records) and
+        # the last chunk of every source (the counts and ntok it wrote), in one vector poll.
+        fr = tl.arange(0, R_PAD)[:, None]
+        fc = tl.arange(0, NC_PAD)[None, :]
+        need = (fr < R) & (fc < NC) & ((fr == s) | (fc == NC - 1))
+        wait_all_ge(flags, fr * NC + fc, need, epoch + 1, state_ptr + 4, MAX_SPIN, ASM)
+    else:
+        for r in range(R):
+            wait_ge(flags + r, (epoch + 1) * NC, state_ptr + 4, MAX_SPIN)
 
     # Block starts: off[e] = padded prefix over experts, base[e] = prefix over sources < s.
     rr = tl.arange(0, R_PAD)
@@ -301,6 +337,11 @@ def _dispatch_recv_kernel(
     row = tl.where(on, row + q, -1)  # [RB, K]
     tl.store(comb_row_ptr + rec, row, mask=rec_ok)
     tl.store(comb_w_ptr + rec, w, mask=rec_ok)
+    # Slot k's rows are read back below as a [RB] column (a load) instead of extracted from
+    # the [RB, K] tile (a cross-thread reduction per k); the barrier makes the stores above
+    # visible to every thread of the program.
+    tl.debug_barrier()
+    slot = comb_row_ptr + (s * T_MAX + j) * K  # [RB]
 
     # Fan out: read each received row once, store it to its K' rows of expert_x.
     src = peer_ptr(table_ptr, rank, off_rows, WORD) + (s * T_MAX + j)[:, None] * ROW_WORDS
@@ -309,7 +350,7 @@ def _dispatch_recv_kernel(
         w_ok = wo[None, :] < W
         v = tl.load(src + wo[None, :], mask=j_ok[:, None] & w_ok, cache_modifier=".cg")
         for k in tl.static_range(K):
-            row_k = tl.sum(tl.where(kk[None, :] == k, row, 0), axis=1)  # [RB]
+            row_k = tl.load(slot + k, mask=j_ok, other=-1, cache_modifier=".cg")  # [RB]
             dst = expert_x_ptr + row_k[:, None] * stride_xr + wo[None, :]
             tl.store(dst, v, mask=(row_k >= 0)[:, None] & w_ok)
     if HAS_SCALE:
@@ -318,13 +359,16 @@ def _dispatch_recv_kernel(
         ssrc = peer_ptr(table_ptr, rank, off_scales, tl.int32) + (s * T_MAX + j)[:, None] * S
         sv = tl.load(ssrc + so[None, :], mask=j_ok[:, None] & s_ok, cache_modifier=".cg")
         for k in tl.static_range(K):
-            row_k = tl.sum(tl.where(kk[None, :] == k, row, 0), axis=1)
+            row_k = tl.load(slot + k, mask=j_ok, other=-1, cache_modifier=".cg")
             sdst = expert_xs_ptr + row_k[:, None] * stride_sr + so[None, :]
             tl.store(sdst, sv, mask=(row_k >= 0)[:, None] & s_ok)
 
     # The last program to finish has seen every program's reads: ack all sources, next epoch.
     if last_program_done(state_ptr + 2, R * RC):
-        for peer in range(R):
-            ack = peer_ptr(table_ptr, peer, off_disp_ack, tl.int32) + rank
-            tl.atomic_xchg(ack, epoch + 1, sem="release", scope="sys")
+        if SYNC2:
+            ack_peers(table_ptr, off_disp_ack, rank, epoch + 1, R, R_PAD)
+        else:
+            for peer in range(R):
+                ack = peer_ptr(table_ptr, peer, off_disp_ack, tl.int32) + rank
+                tl.atomic_xchg(ack, epoch + 1, sem="release", scope="sys")
         tl.store(state_ptr, epoch + 1)

@@ -11,6 +11,18 @@ wrapping difference `(value - target) >= 0`, so counters may overflow int32.
 Buffer reuse: after a receive has read everything a peer sent, it stores `epoch + 1` into
 that peer's `ack[me]`; the next send to that peer first waits for `ack >= epoch`. So a
 sender never overwrites data the receiver has not consumed, whatever runs in between.
+
+Two protocols (`SYNC2` constexpr of the kernels; `TritonAllToAll(sync=...)`):
+- "v1": one counter per source (`flag[src]`), every sender program adds 1 to it (remote
+  RMW atomics on one address), receivers poll each source in turn with RMW atomics;
+- "v2" (default): one slot per (source, sender program); a program stores `epoch + 1` into
+  its own slot (release, system scope: distinct addresses, no RMW contention); receivers
+  poll only the slots they need, all at once in one vector load (`ld.acquire.sys` on CUDA,
+  vector atomics under the interpreter); acks go to the R peers in one vector atomic.
+
+Scope: peers are other GPUs (NVLink) whose threads are outside `.gpu` scope in the PTX
+memory model, so every release/acquire that pairs with a peer is `.sys`; the done counter
+of the last-program test is only touched by this GPU (`.gpu`).
 """
 
 from __future__ import annotations
@@ -39,6 +51,70 @@ def wait_ge(flag_ptr, target, err_ptr, MAX_SPIN: tl.constexpr):
         i += 1
     if (v - target) < 0:
         tl.atomic_xchg(err_ptr, 1)
+
+
+@triton.jit
+def _ld_acquire(ptrs, ASM: tl.constexpr):
+    """Elementwise acquire load (system scope) of int32 flags at `ptrs` (every lane valid)."""
+    if ASM:
+        v = tl.inline_asm_elementwise(
+            "ld.acquire.sys.global.b32 $0, [$1];",
+            "=r,l",
+            [ptrs],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+    else:
+        # Interpreter (no PTX): an RMW reads the latest value just as well.
+        v = tl.atomic_add(ptrs, 0, sem="acquire", scope="sys")
+    return v
+
+
+@triton.jit
+def wait_all_ge(base_ptr, offs, mask, target, err_ptr, MAX_SPIN: tl.constexpr, ASM: tl.constexpr):
+    """Spin until every flag `base_ptr[offs]` with `mask` set satisfies `flag - target >= 0`
+    (wrapping int32), polling all of them in one vector load; after MAX_SPIN polls give up
+    and set `*err_ptr = 1`. Masked-off lanes read `base_ptr[0]` and are ignored."""
+    ptrs = base_ptr + tl.where(mask, offs, 0)
+    v = _ld_acquire(ptrs, ASM)
+    behind = tl.sum((((v - target) < 0) & mask).to(tl.int32), axis=None)
+    i = 0
+    while (behind > 0) & (i < MAX_SPIN):
+        v = _ld_acquire(ptrs, ASM)
+        behind = tl.sum((((v - target) < 0) & mask).to(tl.int32), axis=None)
+        i += 1
+    if behind > 0:
+        tl.atomic_xchg(err_ptr, 1)
+    # The lanes that saw the flags hand the ordering to every thread of the program.
+    tl.debug_barrier()
+
+
+@triton.jit
+def wait_one_ge(flag_ptr, target, err_ptr, MAX_SPIN: tl.constexpr, ASM: tl.constexpr):
+    """`wait_all_ge` for one flag (acquire loads instead of RMW polls)."""
+    lane = tl.arange(0, 2)
+    wait_all_ge(flag_ptr, lane, lane < 1, target, err_ptr, MAX_SPIN, ASM)
+
+
+@triton.jit
+def signal_set(flag_ptr, value):
+    """Publish this program's earlier stores, then store `value` into a peer's flag slot
+    (one slot per sender program: a plain exchange, no contention with other senders)."""
+    tl.debug_barrier()
+    tl.atomic_xchg(flag_ptr, value, sem="release", scope="sys")
+
+
+@triton.jit
+def ack_peers(table_ptr, byte_off, rank, value, R: tl.constexpr, R_PAD: tl.constexpr):
+    """Store `value` into `ack[rank]` (int32 at `byte_off`) of every peer's buffer: one
+    vector atomic, one lane per peer, so the R remote round trips overlap."""
+    rr = tl.arange(0, R_PAD)
+    base = tl.multiple_of(tl.load(table_ptr + rr, mask=rr < R, other=0), 16)
+    ptrs = (base + byte_off).to(tl.pointer_type(tl.int32)) + rank
+    tl.atomic_xchg(
+        ptrs, tl.zeros([R_PAD], tl.int32) + value, mask=rr < R, sem="release", scope="sys"
+    )
 
 
 @triton.jit

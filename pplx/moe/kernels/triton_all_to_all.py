@@ -112,6 +112,10 @@ class TritonAllToAll:
             T in one program on CPU).
         fused_prefix: send programs recount earlier tokens themselves instead of a count
             kernel (default: when max_num_tokens <= 512).
+        sync: signalling protocol, "v2" (default: a flag slot per sender program, vector
+            acquire polls of only the slots a program needs, one vector ack) or "v1" (one
+            counter per source, RMW polls); `PPLX_MOE_SYNC` overrides the default
+            (`sync_kernels.py` describes both).
     """
 
     def __init__(
@@ -131,6 +135,7 @@ class TritonAllToAll:
         timeout_s: float = 60.0,
         block_tokens: int | None = None,
         fused_prefix: bool | None = None,
+        sync: str | None = None,
     ) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
@@ -162,6 +167,7 @@ class TritonAllToAll:
             timeout_s=timeout_s,
             block_tokens=block_tokens,
             fused_prefix=fused_prefix,
+            sync=sync,
         )
         self.buffers = PeerBuffers(self.layout.nbytes, group, self.device)
         self._alloc_private(self.device)
@@ -184,9 +190,16 @@ class TritonAllToAll:
         timeout_s: float,
         block_tokens: int | None,
         fused_prefix: bool | None = None,
+        sync: str | None = None,
     ) -> None:
         """Sizes, buffer layout and tiles (no allocation; self.device must be set)."""
         self.world_size = world_size
+        sync = sync if sync is not None else os.environ.get("PPLX_MOE_SYNC", "v2")
+        if sync not in ("v1", "v2"):
+            raise ValueError(f"sync must be 'v1' or 'v2', got {sync!r}")
+        self.sync = sync
+        # CUDA polls with `ld.acquire.sys` (inline PTX); the interpreter has no PTX.
+        self.asm = self.device.type == "cuda"
         if num_experts % self.world_size:
             raise ValueError(
                 f"num_experts ({num_experts}) must be divisible by the world size "
@@ -217,23 +230,11 @@ class TritonAllToAll:
 
         R, T, K = self.world_size, self.max_num_tokens, self.topk
         in_bytes = in_dtype.itemsize
-        self.layout = BufferLayout.build(
-            R,
-            T,
-            K,
-            self.num_local_experts,
-            self.hidden_dim,
-            in_bytes,
-            self.hidden_dim_scale,
-            self.has_scale,
-            out_dtype.itemsize,
-        )
         row_bytes = self.hidden_dim * in_bytes
         self.word_bytes, self.word_torch, self.word_tl = next(
             w for w in _WORDS if row_bytes % w[0] == 0
         )
         self.words = row_bytes // self.word_bytes
-        self.row_words = self.layout.row_bytes // self.word_bytes
         # Row stride of the combine area in out_dtype elements (rows start 16-byte aligned).
         self.comb_stride = (
             (self.hidden_dim * out_dtype.itemsize + 15) // 16 * 16 // out_dtype.itemsize
@@ -284,6 +285,21 @@ class TritonAllToAll:
         hpad = _pow2(self.hidden_dim)
         self.block_h_send = _clamp(cap // self.cb, 32, hpad)
         self.block_h_recv = _clamp(2 * cap // self.tb, 32, hpad)
+        self.nc_pad = _pow2(self.nc)
+        self.layout = BufferLayout.build(
+            R,
+            T,
+            K,
+            self.num_local_experts,
+            self.hidden_dim,
+            in_bytes,
+            self.hidden_dim_scale,
+            self.has_scale,
+            out_dtype.itemsize,
+            disp_signals=self.nc,
+            comb_signals=self.cc,
+        )
+        self.row_words = self.layout.row_bytes // self.word_bytes
         self.num_warps = 8 if self.device.type == "cuda" else 4
         if os.environ.get("PPLX_MOE_NUM_WARPS"):  # tuning hook (benchmarks only)
             self.num_warps = int(os.environ["PPLX_MOE_NUM_WARPS"])
@@ -451,6 +467,8 @@ class TritonAllToAll:
                 MAX_SPIN=self.max_spin,
                 FUSED_PREFIX=self.fused_prefix,
                 PB=self.pb,
+                SYNC2=self.sync == "v2",
+                ASM=self.asm,
                 num_warps=self.num_warps,
             )
             self._after_launch()
@@ -489,12 +507,15 @@ class TritonAllToAll:
                 R=R,
                 R_PAD=self.r_pad,
                 NC=self.nc,
+                NC_PAD=self.nc_pad,
                 RB=self.rb,
                 RC=self.rc,
                 BLOCK_W=self.block_w_recv,
                 S_PAD=self.s_pad,
                 WORD=self.word_tl,
                 MAX_SPIN=self.max_spin,
+                SYNC2=self.sync == "v2",
+                ASM=self.asm,
                 num_warps=self.num_warps,
             )
             self._after_launch()
@@ -546,11 +567,13 @@ class TritonAllToAll:
                 self.hidden_dim,
                 self.comb_stride,
                 K=self.topk,
-                K_PAD=self.k_pad,
                 CB=self.cb,
                 BLOCK_H=self.block_h_send,
                 OUT_DTYPE=out_tl,
                 MAX_SPIN=self.max_spin,
+                CC=self.cc,
+                SYNC2=self.sync == "v2",
+                ASM=self.asm,
                 num_warps=self.num_warps,
             )
             self._after_launch()
@@ -583,6 +606,9 @@ class TritonAllToAll:
                 ACCUMULATE=bool(accumulate),
                 OUT_DTYPE=out_tl,
                 MAX_SPIN=self.max_spin,
+                CB=self.cb,
+                SYNC2=self.sync == "v2",
+                ASM=self.asm,
                 num_warps=self.num_warps,
             )
             self._after_launch()
