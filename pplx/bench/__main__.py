@@ -1,7 +1,8 @@
 """Benchmark entry point: `python -m pplx.bench <name> [args]`.
 
 Names: `fabric` (TransferEngine vs raw libfabric), `moe` (dispatch/combine vs NCCL/gloo
-all-to-all). Each module exposes `main(argv)`.
+all-to-all; with `--ranks-per-node R` the ranks form emulated nodes of R ranks and the
+inter-node benchmark `pplx.bench.moe_internode` runs). Each module exposes `main(argv)`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         print("usage: python -m pplx.bench {" + ",".join(BENCHES) + "} [--help]")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    mod = importlib.import_module(BENCHES[argv[0]])
+    name = BENCHES[argv[0]]
+    if argv[0] == "moe" and any(a.startswith("--ranks-per-node") for a in argv[1:]):
+        name = "pplx.bench.moe_internode"
+    mod = importlib.import_module(name)
     return int(mod.main(argv[1:]) or 0)
 
 
