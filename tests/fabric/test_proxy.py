@@ -115,7 +115,9 @@ def test_proxy_on_caller_ring_and_roundtrip():
         with HostProxy(a, src_mr, [dst_desc], num_slots=16, ring=ring, idle_sleep_us=0) as proxy:
             assert proxy.ring_ptr == ring.data_ptr()
             ns = proxy.roundtrip_ns(b, 0, 8, imm=9, iters=200)
-            assert (ns > 0).all() and np.median(ns) < 5e6, np.median(ns)
+            # Speed is the benchmark's business (pplx.bench.moe_internode); here every one of
+            # the 200 round trips must have completed and been timed.
+            assert ns.shape == (200,) and (ns > 0).all(), ns
             assert torch.equal(dst[:8], src[:8]) and (dst[8:] == POISON).all()
             # The ring holds the last items with their tickets: seq of slot t % 16 is t + 1.
             assert int(ring.view(16, 8)[199 % 16, 0]) == 200
