@@ -16,7 +16,8 @@ reference by at most about 2 ulp of the output dtype times sum_k |w_k y_k| (test
 1. `_combine_send_kernel`, grid (R, CC): for source s and a block of its tokens, the
    weighted partial over local slots; stores into s's buffer; signals s. Waits first for
    s's ack of the previous combine (buffer reuse).
-2. `_combine_recv_kernel`, grid (NB,): wait for every rank, add partials, write
+2. `_combine_recv_kernel`, grid (NB,): wait for the send programs that wrote this
+   program's rows (v2; v1: for every rank), add partials, write
    `out_tokens` rows t < bound_m (optionally accumulating); the last program acks.
 
 Warning: the weights are those given to dispatch (they travel with the tokens); combine's

@@ -15,7 +15,8 @@ fans the row out to the K' rows of `expert_x` it needs, in the contract order.
    slot p in d's receive area and each slot's position q within (source, expert); store
    records, rows and scales into d's buffer; the last chunk also stores the totals; then
    signal d. Waits first for d's ack of the previous dispatch (buffer reuse).
-3. `_dispatch_recv_kernel`, grid (R, RC): wait for every source, place rows at
+3. `_dispatch_recv_kernel`, grid (R, RC): wait for every chunk of source s and the last
+   chunk of every source (v2; v1: every source entirely), place rows at
    `off[e] + base[s][e] + q` (off: padded prefix over experts, base: prefix over sources),
    keep the row map and weights for combine, ack the sources (last program).
 

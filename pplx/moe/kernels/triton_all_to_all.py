@@ -12,9 +12,10 @@ sequence of calls (the device-side epoch counters must agree). A split call
 (`do_send=True, do_recv=False` then `do_send=False, do_recv=True`) equals one call; the
 halves must alternate. Combine must follow a dispatch with the same routing and bound_m.
 
-Buffer reuse: signals are monotone per-peer counters compared with a device-side epoch
-(completed calls of that phase); after a receive has consumed a peer's data it stores
-`epoch + 1` into that peer's ack slot, and the next send to that peer first waits for it.
+Buffer reuse: signals are monotone flags compared with a device-side epoch (completed
+calls of that phase; v2: one slot per sender program holding `epoch + 1`); after a
+receive has consumed a peer's data it stores `epoch + 1` into that peer's ack slot, and
+the next send to that peer first waits for it.
 So any number of dispatches (or combines) may follow each other; nothing is overwritten
 before it was read (details: `sync_kernels.py`).
 
