@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One pass over everything that needs GPUs, for a machine with 2-4 CUDA GPUs (NVLink):
+# the gpu-marked tests of the whole repository, then the benchmarks (intra-node prefill,
+# inter-node decode at EP2/EP4, the proxy round trip), then the demo on the GPUs.
+# Logs and CSVs go to $OUT (default experiments/results/device); each step has its own
+# time limit so that one slow step cannot take the others' time.
+#   usage: bash scripts/device_check.sh [OUT]
+set -uo pipefail
+OUT=${1:-${OUT:-experiments/results/device}}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+PY=${PY:-python3}
+NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
+echo "GPUs: $NGPU" | tee "$OUT/summary.txt"
+step() {  # step NAME SECONDS CMD...
+  local name=$1 secs=$2; shift 2
+  local t0=$SECONDS
+  timeout "$secs" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc $((SECONDS - t0))s: $*" | tee -a "$OUT/summary.txt"
+  tail -n 25 "$OUT/$name.log"
+}
+step gpu_tests 140 $PY -m pytest -m gpu tests -q -p no:cacheprovider
+step internode_ep$NGPU 70 $PY -m pplx.bench moe --device cuda --ranks "$NGPU" \
+  --ranks-per-node $((NGPU / 2)) --shapes decode --iters 10 --csv "$OUT/moe_internode.csv"
+[ "$NGPU" -ge 4 ] && step internode_ep2 45 $PY -m pplx.bench moe --device cuda --ranks 2 \
+  --ranks-per-node 1 --shapes decode --iters 10 --csv "$OUT/moe_internode.csv"
+step moe_prefill 45 $PY -m pplx.bench moe --ranks "$NGPU" --cases prefill --iters 10 --warmup 2 --csv "$OUT/moe.csv"
+step demo_cuda 35 $PY -m pplx.moe.demo --device cuda --ranks 2 --experts 16 --iters 10
+cat "$OUT/summary.txt"
