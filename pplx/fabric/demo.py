@@ -23,7 +23,7 @@ import torch
 from pplx.bench.common import Row, emit, percentiles
 from pplx.fabric.bootstrap import exchange_descriptors
 from pplx.fabric.engine import TransferEngine
-from pplx.fabric.testing import spawn
+from pplx.spawn import spawn
 
 IMM_PING, IMM_PONG, IMM_DATA, IMM_ACK = 1, 2, 3, 4
 SIZES = (4 << 10, 64 << 10, 1 << 20, 16 << 20)

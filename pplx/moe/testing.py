@@ -4,25 +4,21 @@
   seeded generator and never all zeros;
 - `poison_` to fill outputs before a run so that unwritten elements show;
 - comparisons that print the first bad index, both values and the mismatch count;
-- `spawn`: run a function on R processes joined by a gloo group over a free local port,
-  with a timeout, turning a child's exception into an error carrying its traceback.
+- `spawn` (from `pplx.spawn`): run a function on R processes joined by a process group over
+  a free local port, with a timeout, turning a child's exception into an error carrying
+  its traceback.
 """
 
 from __future__ import annotations
 
-import contextlib
-import multiprocessing as mp
-import os
-import queue
-import socket
-import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from pplx.moe import layout as L
+from pplx.spawn import free_port, spawn  # noqa: F401 - re-exported for the MoE tests/benches
 
 FP8 = torch.float8_e4m3fn
 # Largest finite float8_e4m3fn value: block scales map each block's absmax onto it.
@@ -255,124 +251,3 @@ def assert_dispatch_matches(
             want.expert_x_scale[:rows][mask],
             f"{name}.expert_x_scale (counts {counts})",
         )
-
-
-# ---------------------------------------------------------------------------------------
-# Multi-process runner
-
-
-def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 now (bound then released)."""
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _child(
-    fn: Callable[..., Any],
-    rank: int,
-    world_size: int,
-    port: int,
-    backend: str,
-    args: tuple,
-    results: Any,
-    timeout_s: float,
-) -> None:
-    import datetime
-
-    import torch.distributed as dist
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group(
-            backend,
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
-        try:
-            value = fn(rank, world_size, *args)
-        finally:
-            dist.destroy_process_group()
-        results.put((rank, True, value))
-    except BaseException:  # noqa: BLE001 - report everything to the parent
-        results.put((rank, False, traceback.format_exc()))
-
-
-def spawn(
-    fn: Callable[..., Any],
-    world_size: int,
-    args: tuple = (),
-    *,
-    timeout_s: float = 120.0,
-    backend: str = "gloo",
-) -> list[Any]:
-    """Run `fn(rank, world_size, *args)` on `world_size` spawned processes in one group.
-
-    `fn` must be importable (a module-level function). Each child joins a `backend` group
-    over a free port on 127.0.0.1. Returns the per-rank return values (picklable).
-
-    Raises:
-        RuntimeError: with the child's traceback if any rank raised, or naming the ranks
-            that had not finished after `timeout_s` seconds (those processes are killed).
-    """
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    procs = [
-        ctx.Process(
-            target=_child,
-            args=(fn, r, world_size, port, backend, args, results, timeout_s),
-            daemon=True,
-        )
-        for r in range(world_size)
-    ]
-    for p in procs:
-        p.start()
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    values: dict[int, Any] = {}
-    errors: list[str] = []
-    try:
-        while len(values) + len(errors) < world_size:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                rank, ok, value = results.get(timeout=min(left, 1.0))
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-                reported = set(values)
-                lost = [r for r in dead if r not in reported]
-                if lost and not errors:
-                    # A child died without reporting (e.g. killed): wait briefly for others.
-                    errors.append(
-                        f"rank(s) {lost} exited with codes "
-                        f"{[procs[r].exitcode for r in lost]} without a result"
-                    )
-                    break
-                continue
-            if ok:
-                values[rank] = value
-            else:
-                errors.append(f"--- rank {rank} raised:\n{value}")
-                # Peers stuck in a collective with the failed rank end at their own
-                # timeout; stop waiting for them after a short grace period.
-                deadline = min(deadline, time.monotonic() + 10.0)
-    finally:
-        for p in procs:
-            p.join(timeout=max(0.0, min(5.0, deadline - time.monotonic())))
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5.0)
-        results.close()
-    if errors:
-        raise RuntimeError("\n".join(errors))
-    if len(values) < world_size:
-        missing = sorted(set(range(world_size)) - set(values))
-        raise RuntimeError(f"ranks {missing} did not finish within {timeout_s} s (killed)")
-    return [values[r] for r in range(world_size)]

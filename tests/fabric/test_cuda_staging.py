@@ -15,7 +15,7 @@ import torch
 from pplx.fabric import HmemNotSupported, TransferEngine
 from pplx.fabric.bootstrap import exchange_descriptors
 from pplx.fabric.staging import StagedTensor, register_tensor_or_stage
-from pplx.fabric.testing import spawn
+from pplx.spawn import spawn
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = [

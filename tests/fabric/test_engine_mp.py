@@ -26,7 +26,7 @@ from pplx.fabric import (
     TransferFailed,
 )
 from pplx.fabric.bootstrap import exchange_addresses, exchange_descriptors
-from pplx.fabric.testing import spawn
+from pplx.spawn import spawn
 
 PROVIDERS = ["shm", "tcp"]
 POISON = 0x7F

@@ -374,7 +374,7 @@ def _dying_rank(rank: int, world: int, timeout_s: float) -> str:
 
 
 def test_dead_rank_makes_peers_fail_within_timeout():
-    from pplx.fabric.testing import spawn
+    from pplx.spawn import spawn
 
     res = spawn(_dying_rank, 2, (3.0,), timeout_s=120, may_exit=(1,))
     elapsed, msg = res[0].split("|", 1)

@@ -1,9 +1,10 @@
-"""Helpers for multi-process TransferEngine tests and demos: spawn ranks joined by gloo.
+"""Run a function on R processes joined by a torch.distributed group: tests, demos, benches.
 
 `spawn(fn, world_size, args)` runs `fn(rank, world_size, *args)` in fresh processes (the
-'spawn' start method), each in a gloo group on a free 127.0.0.1 port, and returns the
-per-rank results. A child's exception becomes a RuntimeError here with its traceback; ranks
-still running after `timeout_s` are killed and named, so a hang is a failure, not a hang.
+'spawn' start method), each in a `backend` group (gloo, or nccl on GPUs) on a free
+127.0.0.1 port, and returns the per-rank results. A child's exception becomes a
+RuntimeError here with its traceback; ranks still running after `timeout_s` get their
+stacks dumped (faulthandler), are killed and named, so a hang is a failure, not a hang.
 """
 
 from __future__ import annotations
@@ -29,15 +30,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(fn, rank, world_size, port, args, results, timeout_s) -> None:
+def _child(fn, rank, world_size, port, backend, args, results, timeout_s) -> None:
+    import torch
     import torch.distributed as dist
+
+    # One intra-op thread per rank: R ranks share the machine's cores (2 in CI), and
+    # oversubscribed torch thread pools turned millisecond steps into seconds.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 
     # The parent sends SIGUSR1 to a rank that is still running at the deadline: every
     # thread's Python stack goes to stderr before the kill, so a hang shows where it is.
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     try:
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world_size,
@@ -58,12 +65,19 @@ def spawn(
     args: tuple = (),
     *,
     timeout_s: float = 120.0,
+    backend: str = "gloo",
     may_exit: Collection[int] = (),
 ) -> list[Any]:
     """Run `fn(rank, world_size, *args)` on `world_size` processes; return their results.
 
-    `fn` must be a module-level function. Ranks in `may_exit` may die without a result
-    (fault tests kill them on purpose); their result is None.
+    `fn` must be importable (a module-level function); results must be picklable. Ranks in
+    `may_exit` may die without a result (fault tests kill them on purpose); their result
+    is None.
+
+    Raises:
+        RuntimeError: with the child's traceback if any rank raised, naming ranks that
+            exited without a result, or naming the ranks still running after `timeout_s`
+            seconds (their stacks are dumped to stderr, then they are killed).
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -71,7 +85,7 @@ def spawn(
     procs = [
         ctx.Process(
             target=_child,
-            args=(fn, r, world_size, port, args, results, timeout_s),
+            args=(fn, r, world_size, port, backend, args, results, timeout_s),
             daemon=True,
         )
         for r in range(world_size)
