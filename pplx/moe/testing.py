@@ -251,3 +251,55 @@ def assert_dispatch_matches(
             want.expert_x_scale[:rows][mask],
             f"{name}.expert_x_scale (counts {counts})",
         )
+
+
+# ---------------------------------------------------------------------------------------
+# One round through an implementation (AllToAll, TritonAllToAll, InterNodeAllToAll, ...)
+
+
+def run_dispatch(
+    impl: Any,
+    outs: Any,
+    inputs: MoEInputs,
+    bound_m: torch.Tensor | None,
+    *,
+    split: bool = False,
+) -> None:
+    """Poison `outs` (a `DispatchOutputs`), then `impl.dispatch` `inputs` into it: in one
+    call, or with `split` as a do_send-only call followed by a do_recv-only call."""
+    for t in (outs.expert_num_tokens, outs.expert_x, outs.expert_x_scale):
+        poison_(t)
+    args = (
+        outs.expert_num_tokens,
+        outs.expert_x,
+        outs.expert_x_scale,
+        inputs.x,
+        inputs.x_scale,
+        inputs.indices,
+        inputs.weights,
+        bound_m,
+    )
+    if split:
+        impl.dispatch(*args, do_send=True, do_recv=False)
+        impl.dispatch(*args, do_send=False, do_recv=True)
+    else:
+        impl.dispatch(*args)
+
+
+def run_combine(
+    impl: Any,
+    out: torch.Tensor,
+    inputs: MoEInputs,
+    expert_y: torch.Tensor,
+    bound_m: torch.Tensor | None,
+    *,
+    split: bool = False,
+    accumulate: bool = False,
+) -> None:
+    """`impl.combine` `expert_y` back into `out`, in one call or split (as `run_dispatch`)."""
+    args = (out, inputs.indices, inputs.weights, expert_y, bound_m)
+    if split:
+        impl.combine(*args, do_send=True, do_recv=False, accumulate=accumulate)
+        impl.combine(*args, do_send=False, do_recv=True, accumulate=accumulate)
+    else:
+        impl.combine(*args, accumulate=accumulate)

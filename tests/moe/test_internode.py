@@ -147,23 +147,7 @@ def _run_case(rank: int, world: int, seed: int, c: Case) -> dict:
                 accumulate=c.accumulate,
             )[rank]
             outs = a2a.alloc_dispatch_outputs()
-            for t in (outs.expert_num_tokens, outs.expert_x, outs.expert_x_scale):
-                TT.poison_(t)
-            args = (
-                outs.expert_num_tokens,
-                outs.expert_x,
-                outs.expert_x_scale,
-                me.x,
-                me.x_scale,
-                me.indices,
-                me.weights,
-                bound,
-            )
-            if c.split:
-                impl.dispatch(*args, do_send=True, do_recv=False)
-                impl.dispatch(*args, do_send=False, do_recv=True)
-            else:
-                impl.dispatch(*args)
+            TT.run_dispatch(impl, outs, me, bound, split=c.split)
             TT.assert_dispatch_matches(
                 outs.expert_num_tokens,
                 outs.expert_x,
@@ -173,12 +157,7 @@ def _run_case(rank: int, world: int, seed: int, c: Case) -> dict:
                 f"dispatch (iteration {it})",
             )
             out = olds[rank].clone()
-            cargs = (out, me.indices, me.weights, ys[rank], bound)
-            if c.split:
-                impl.combine(*cargs, do_send=True, do_recv=False, accumulate=c.accumulate)
-                impl.combine(*cargs, do_send=False, do_recv=True, accumulate=c.accumulate)
-            else:
-                impl.combine(*cargs, accumulate=c.accumulate)
+            TT.run_combine(impl, out, me, ys[rank], bound, split=c.split, accumulate=c.accumulate)
             TT.assert_close(
                 out, want_out, f"combine (iteration {it})", atol=COMBINE_ATOL, rtol=COMBINE_RTOL
             )

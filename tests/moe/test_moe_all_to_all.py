@@ -106,23 +106,7 @@ def _run_case(rank: int, world: int, seed: int, c: Case) -> None:
     with a2a:
         # AllToAll, torch backend.
         outs = a2a.alloc_dispatch_outputs()
-        for t in (outs.expert_num_tokens, outs.expert_x, outs.expert_x_scale):
-            TT.poison_(t)
-        args = (
-            outs.expert_num_tokens,
-            outs.expert_x,
-            outs.expert_x_scale,
-            me.x,
-            me.x_scale,
-            me.indices,
-            me.weights,
-            bound,
-        )
-        if c.split:
-            a2a.dispatch(*args, do_send=True, do_recv=False)
-            a2a.dispatch(*args, do_send=False, do_recv=True)
-        else:
-            a2a.dispatch(*args)
+        TT.run_dispatch(a2a, outs, me, bound, split=c.split)
         TT.assert_dispatch_matches(
             outs.expert_num_tokens,
             outs.expert_x,
@@ -132,12 +116,7 @@ def _run_case(rank: int, world: int, seed: int, c: Case) -> None:
             "AllToAll.dispatch",
         )
         out = olds[rank].clone()
-        cargs = (out, me.indices, me.weights, ys[rank], bound)
-        if c.split:
-            a2a.combine(*cargs, do_send=True, do_recv=False, accumulate=c.accumulate)
-            a2a.combine(*cargs, do_send=False, do_recv=True, accumulate=c.accumulate)
-        else:
-            a2a.combine(*cargs, accumulate=c.accumulate)
+        TT.run_combine(a2a, out, me, ys[rank], bound, split=c.split, accumulate=c.accumulate)
         TT.assert_close(out, want_out, "AllToAll.combine", atol=COMBINE_ATOL, rtol=COMBINE_RTOL)
 
     # Baseline.
