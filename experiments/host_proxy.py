@@ -2,9 +2,13 @@
 decode latency at EP 16-64 by the model, with a C proxy thread and with a Python one.
 
 Command:  python -m experiments.host_proxy [--quick] [--out DIR]
-Hardware: any CPU (model). The round trip is read from the fabric benchmark CSV when it
-          recorded a case named "*proxy*" on a GPU; otherwise DESIGN.md's measurement is used
-          (H100 SXM, 2026-11: Triton kernel <-> C thread 4.2 us, <-> Python thread 64.6 us).
+Hardware: any CPU (model). The round trip is the last GPU row of the inter-node
+          benchmark (`python -m pplx.bench moe --ranks-per-node R --device cuda`: a Triton
+          kernel writes a work item into the host ring, the C proxy posts an 8 B write +
+          imm, the kernel polls the ImmCounter table), read from
+          results/moe_internode/moe_internode.csv (or a fabric CSV's "*proxy*" GPU case);
+          without one, DESIGN.md's measurement is used (H100 SXM, 2026-11: a bare Triton
+          kernel <-> C spin thread 4.2 us, <-> Python thread 64.6 us).
 Runtime:  about 2 s.
 Sources:  experiments/paper_data/headline.csv (DESIGN.md measured round trips).
 Outputs:  host_proxy/host_proxy.csv, host_proxy/host_proxy.png.
@@ -23,12 +27,28 @@ from pplx.sim import DECODE, make_routing, phase_latency, preset
 C_RTT_US, PY_RTT_US = 4.2, 64.6  # DESIGN.md, measured on H100 SXM
 
 
+def _is_gpu_proxy_row(r: dict) -> bool:
+    on_gpu = not r.get("device", "cpu").startswith("cpu")
+    producer = r.get("impl", "").lower()
+    return on_gpu and "proxy" in r.get("case", "").lower() and ("gpu" in producer or not producer)
+
+
 def measured_rtt() -> tuple[float, str]:
-    """(round trip us, source): a GPU proxy case of the fabric CSV, else DESIGN.md's."""
-    for path in sorted(glob.glob(os.path.join(RESULTS, "fabric", "fabric_*.csv"))):
-        for r in read_rows(path):
-            if "proxy" in r.get("case", "").lower() and "cpu" not in r.get("device", "cpu"):
-                return float(r["p50_us"]), f"{path} ({r.get('device')}, {r.get('time_utc')})"
+    """(round trip us, source): the latest GPU-kernel proxy round trip recorded by our
+    benchmarks, else DESIGN.md's."""
+    paths = [os.path.join(RESULTS, "moe_internode", "moe_internode.csv")]
+    paths += sorted(glob.glob(os.path.join(RESULTS, "fabric", "fabric_*.csv")))
+    for path in paths:
+        if not os.path.exists(path):
+            continue
+        rows = [r for r in read_rows(path) if _is_gpu_proxy_row(r)]
+        if rows:
+            r = max(rows, key=lambda r: r.get("time_utc", ""))
+            rel = os.path.relpath(path, os.path.dirname(RESULTS))
+            return float(r["p50_us"]), (
+                f"{rel}: {r.get('impl') or r.get('case')} ({r.get('device')}, "
+                f"{r.get('commit')}, {r.get('time_utc')})"
+            )
     return C_RTT_US, "DESIGN.md, measured 2026-11 on H100 SXM (C thread)"
 
 
