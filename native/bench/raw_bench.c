@@ -11,7 +11,10 @@
  *          arrival with a write+imm back; one-way = round trip / 2.
  *   bw     per message size: a rep is `n` writes (at most `window` in flight),
  *          the server counts n immediates, then acks with one 8-byte write+imm;
- *          the client times a rep from the first post to the ack.
+ *          the client times a rep from the first post to the ack. Write k goes
+ *          from and to offset (k % slots) * size, slots = min(window,
+ *          buf_bytes / size): the same memory footprint and pattern as the pplx
+ *          side (pplx/bench/fabric.py checks that the two agree).
  *   paged  per page size: a rep is `num_pages` page writes, one fi_writedata
  *          per page (each with an immediate), from random source pages to
  *          random destination pages (a permutation, seeded), acked as in bw.
@@ -20,8 +23,10 @@
  *
  * The client prints one JSON object per line on stdout, e.g.
  *   {"kind":"lat","bytes":8,"samples_us":[...]}
- *   {"kind":"bw","bytes":1048576,"writes_per_rep":32,"rep_us":[...]}
- *   {"kind":"paged","page_bytes":4096,"num_pages":256,"rep_us":[...]}
+ *   {"kind":"bw","bytes":1048576,"writes_per_rep":32,"window":16,"slots":16,
+ *    "buf_bytes":67108864,"rep_us":[...]}
+ *   {"kind":"paged","page_bytes":4096,"num_pages":256,"window":256,"slots":256,
+ *    "buf_bytes":67108864,"rep_us":[...]}
  * The server prints {"event":"listening","port":P} once it accepts on P
  * (port 0 = the kernel picks), and {"event":"done"} at the end. Errors go to
  * stderr with a non-zero exit; every wait has a deadline (--timeout-s).
@@ -515,8 +520,9 @@ static int run_bw(struct ctx *c, const struct opts *o)
 				s[r] = t;
 		}
 		if (!o->server) {
-			printf("{\"kind\":\"bw\",\"bytes\":%zu,\"writes_per_rep\":%d,\"window\":%d,",
-			       size, n, o->window);
+			printf("{\"kind\":\"bw\",\"bytes\":%zu,\"writes_per_rep\":%d,\"window\":%d,"
+			       "\"slots\":%zu,\"buf_bytes\":%zu,",
+			       size, n, o->window, slots, c->buf_size);
 			print_samples("rep_us", s, o->reps);
 			printf("}\n");
 			fflush(stdout);
@@ -572,8 +578,9 @@ static int run_paged(struct ctx *c, const struct opts *o)
 				s[r] = t;
 		}
 		if (!o->server) {
-			printf("{\"kind\":\"paged\",\"page_bytes\":%zu,\"num_pages\":%d,\"window\":%d,",
-			       page, n, n);
+			printf("{\"kind\":\"paged\",\"page_bytes\":%zu,\"num_pages\":%d,\"window\":%d,"
+			       "\"slots\":%d,\"buf_bytes\":%zu,",
+			       page, n, n, n, c->buf_size);
 			print_samples("rep_us", s, o->reps);
 			printf("}\n");
 			fflush(stdout);

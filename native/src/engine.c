@@ -278,6 +278,11 @@ static void nap_ns(struct pplx_engine *e, uint64_t ns)
 	pthread_mutex_unlock(&e->nap_lock);
 }
 
+bool engine_progress_aside(struct pplx_engine *e)
+{
+	return atomic_load(&e->spinners) || pplx_now_ns() - atomic_load(&e->spun_ns) < ASIDE_NS;
+}
+
 void engine_wake_progress(struct pplx_engine *e)
 {
 	atomic_store(&e->wake, 1);
@@ -316,8 +321,7 @@ static void *progress_main(void *arg)
 		 * 20 us naps, 1.2 us with 1 ms; shm, 2 loaded cores), and two
 		 * busy threads per process halve a 2-core box's copy bandwidth.
 		 * A waiter that stops spinning unsuccessfully wakes us. */
-		now = pplx_now_ns();
-		if (atomic_load(&e->spinners) || now - atomic_load(&e->spun_ns) < ASIDE_NS) {
+		if (engine_progress_aside(e)) {
 			nap_ns(e, ASIDE_NS);
 			last_event = pplx_now_ns();
 			continue;

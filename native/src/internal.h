@@ -193,6 +193,7 @@ void mr_close_fids(struct pplx_mr *mr);
 /* engine.c */
 bool engine_progress_locked(struct pplx_engine *e);
 void engine_wake_progress(struct pplx_engine *e);
+bool engine_progress_aside(struct pplx_engine *e); /* a waiter drives progress */
 
 /* imm.c */
 void imm_arrived(struct pplx_engine *e, uint32_t imm);

@@ -7,6 +7,7 @@ machine gives any number). The pplx side also checks every byte it moved (bit-ex
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 
 import pytest
@@ -30,16 +31,20 @@ def test_quick_shm_csv_table_png(tmp_path, capsys):
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == FIELDS
         rows = list(reader)
-    # raw then pplx, per case, in sweep order.
+    # raw then pplx, per case, in sweep order; after the latency pair (pplx = the engine's
+    # C loop) the Python-API latency row, pplx only.
     want = [(k, str(b), impl) for k, b in cases for impl in ("raw", "pplx")]
+    want.insert(2, ("lat_py", "8", "pplx"))
     assert [(r["case"], r["bytes"], r["impl"]) for r in rows] == want
     for r in rows:
         assert (r["bench"], r["provider"], r["ranks"]) == ("fabric", "shm", "2")
         p20, p50, p80 = (float(r[k]) for k in ("p20_us", "p50_us", "p80_us"))
         assert 0 < p20 <= p50 <= p80, r
-        if r["case"] != "lat":
+        if r["case"] not in ("lat", "lat_py"):
             assert float(r["gbps_fabric"]) > 0, r
-    for raw, pplx in zip(rows[::2], rows[1::2]):
+    assert "no Python" in rows[1]["notes"] and "Python API" in rows[2]["notes"]
+    pairs = [(rows[0], rows[1]), (rows[0], rows[2])] + list(zip(rows[3::2], rows[4::2]))
+    for raw, pplx in pairs:
         assert raw["baseline"] == "" and pplx["baseline"] == "raw"
         # ratio = raw p50 / pplx p50 (per write for bw rows: both divide by the same count).
         ratio = float(raw["p50_us"]) / float(pplx["p50_us"])
@@ -47,6 +52,9 @@ def test_quick_shm_csv_table_png(tmp_path, capsys):
         if raw["case"] == "bw":
             g = float(pplx["gbps_fabric"]) / float(raw["gbps_fabric"])
             assert math.isclose(g, ratio, rel_tol=1e-2)
+            # Same footprint on both sides, named in the notes.
+            slots = q.bw_slots(int(raw["bytes"]))
+            assert f"{slots} slots" in raw["notes"] and f"{slots} slots" in pplx["notes"]
 
     # The table is printed last with both implementations; one target line per 1 MiB+ size
     # and one for latency, each PASS or MISS.
@@ -56,7 +64,7 @@ def test_quick_shm_csv_table_png(tmp_path, capsys):
     assert [tuple(line.split()[:2]) for line in body] == [(k, impl) for k, _, impl in want]
     targets = [line for line in lines if line.startswith(("PASS", "MISS"))]
     assert len(targets) == 1 + sum(s >= fabric.TARGET_BW_FROM for s in q.sizes), out
-    assert any("8B latency pplx/raw" in t for t in targets)
+    assert any("8B latency pplx engine/raw" in t for t in targets)
 
     with open(png_path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -82,6 +90,7 @@ def test_check_arrived_catches_a_wrong_byte():
 
 def test_targets_and_ratio_direction():
     # Synthetic measurements: pplx half the raw bandwidth at 1 MiB, 1.1x the raw latency.
+    # The Python-API latency (lat_py) is 5x raw but carries no target.
     raw = [
         fabric.Measurement("lat", 8, 1, [1.0, 1.0, 1.0]),
         fabric.Measurement("bw", 1 << 20, 4, [400.0, 400.0]),
@@ -89,14 +98,14 @@ def test_targets_and_ratio_direction():
     ]
     pplx = [
         fabric.Measurement("lat", 8, 1, [1.1, 1.1]),
+        fabric.Measurement("lat_py", 8, 1, [5.0]),
         fabric.Measurement("bw", 1 << 20, 4, [800.0]),
         fabric.Measurement("bw", 4096, 4, [100.0]),
     ]
     checks = {c.name: c for c in fabric.check_targets(raw, pplx)}
-    assert set(checks) == {"8B latency pplx/raw", "bw 1MiB pplx/raw"}  # no target below 1 MiB
-    assert checks["8B latency pplx/raw"].ok and math.isclose(
-        checks["8B latency pplx/raw"].value, 1.1
-    )
+    lat = "8B latency pplx engine/raw"
+    assert set(checks) == {lat, "bw 1MiB pplx/raw"}  # no target below 1 MiB, none for lat_py
+    assert checks[lat].ok and math.isclose(checks[lat].value, 1.1)
     assert not checks["bw 1MiB pplx/raw"].ok and math.isclose(checks["bw 1MiB pplx/raw"].value, 0.5)
     rows = fabric.to_rows(fabric.FabricBenchConfig(), raw, pplx)
     bw = [r for r in rows if r.case == "bw" and r.bytes == 1 << 20]
@@ -104,6 +113,21 @@ def test_targets_and_ratio_direction():
     assert math.isclose(bw[0].p50_us, 100.0) and math.isclose(bw[1].p50_us, 200.0)  # per write
     assert math.isclose(bw[0].gbps_fabric, (1 << 20) / 100.0 / 1e3)
     assert math.isclose(bw[1].ratio, 0.5)
+    lat_py = [r for r in rows if r.case == "lat_py"]
+    assert [r.impl for r in lat_py] == ["pplx"] and math.isclose(lat_py[0].ratio, 0.2)
+
+
+def test_rows_refuse_unequal_footprints():
+    # A baseline over a smaller buffer (data kept in cache) is not comparable.
+    raw = [fabric.Measurement("bw", 1 << 20, 4, [400.0], 16, slots=1, buf_bytes=1 << 20)]
+    pplx = [fabric.Measurement("bw", 1 << 20, 4, [400.0], 16, slots=16, buf_bytes=16 << 20)]
+    with pytest.raises(ValueError, match="same memory footprint"):
+        fabric.to_rows(fabric.FabricBenchConfig(), raw, pplx)
+    ok = [dataclasses.replace(raw[0], slots=16, buf_bytes=16 << 20)]
+    assert [r.impl for r in fabric.to_rows(fabric.FabricBenchConfig(), ok, pplx)] == [
+        "raw",
+        "pplx",
+    ]
 
 
 def test_merge_rounds_pools_samples_per_case():

@@ -44,6 +44,12 @@ def check_results(cfg: fabric.FabricBenchConfig, results: list[fabric.Measuremen
         want += [("paged", p, cfg.num_pages, cfg.reps) for p in cfg.page_sizes]
     got = [(m.kind, m.bytes, m.ops, len(m.samples_us)) for m in results]
     assert got == want, f"results {got} != expected {want}"
+    # The C program's footprint is the one the pplx side uses (pplx/bench/fabric.py).
+    for m in results:
+        if m.kind == "bw":
+            assert (m.slots, m.buf_bytes) == (cfg.bw_slots(m.bytes), cfg.buf_bytes()), m
+        elif m.kind == "paged":
+            assert (m.slots, m.buf_bytes) == (cfg.num_pages, cfg.buf_bytes()), m
     for m in results:
         bad = [x for x in m.samples_us if not (math.isfinite(x) and x > 0)]
         assert not bad, f"{m.kind} {m.bytes}: non-positive samples {bad[:5]}"
