@@ -147,6 +147,25 @@ class _DispatchState:
     send_counts: list[int]  # [R] slots this rank sends to each rank
     num_live: int
     recv_done: bool = False
+    recv_rows: torch.Tensor | None = None  # [N_recv] int64 rows of expert_x, arrival order
+    n_from: list[int] | None = None  # [R] slots each source rank sent here
+
+
+def _words(*parts: torch.Tensor) -> list[torch.Tensor]:
+    """The same bytes, `[N, B]` uint8 -> `[N, B / w]` of the widest integer type (w = 8, 4,
+    2 bytes) that divides every part's row width, row stride and storage offset.
+
+    `index_copy_` moves one element at a time: on the CPU, 1024 rows of 7168 bytes take
+    6.4 ms as uint8 and 1.2 ms as int64 (one thread, this VM), so scatters go in words.
+    """
+    for dt in (torch.int64, torch.int32, torch.int16):
+        w = dt.itemsize
+        if all(
+            t.shape[-1] % w == 0 and t.stride(0) % w == 0 and t.storage_offset() % w == 0
+            for t in parts
+        ):
+            return [t.view(dt) for t in parts]
+    return list(parts)
 
 
 def _us(t0: float) -> float:
@@ -309,6 +328,15 @@ class InterNodeAllToAll:
         self._comb_node: torch.Tensor | None = None  # combine rows from node peers
         self.has_hmem = False
         self.fabric_path = "none (one node)"
+        self.buf_device = self.device
+        # Per-call scratch, allocated on first use and reused (grown if ever too small):
+        # fresh multi-MB host tensors cost page faults on every call.
+        self._scratch_bufs: dict[str, torch.Tensor] = {}
+        # This rank's counts on the host: the ONE device -> host copy of a dispatch
+        # (non-blocking into pinned memory on CUDA, then one stream sync).
+        self._host_counts = torch.zeros(
+            num_experts, dtype=torch.int64, pin_memory=self.device.type == "cuda"
+        )
         self.intra_backend = intra_backend if ranks_per_node > 1 else "torch"
         self._tri: Any = None
         if self.intra_backend == "triton":
@@ -514,32 +542,84 @@ class InterNodeAllToAll:
                 raise RuntimeError("dispatch(do_recv=True) without a preceding do_send")
             self._dispatch_recv(out_expert_num_tokens, out_expert_x, out_expert_x_scale)
 
-    def _pack_records(
-        self, x: torch.Tensor, x_scale: torch.Tensor | None, tok: torch.Tensor
+    def _scratch(
+        self, name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device
     ) -> torch.Tensor:
-        """`[n, rec_bytes]` uint8 records (x bytes, then scale bytes) of tokens `tok`."""
-        rec = torch.empty(tok.numel(), self.rec_bytes, dtype=torch.uint8, device=x.device)
-        rec[:, : self.x_bytes] = x.contiguous().view(torch.uint8)[tok]
+        """`[rows, cols]` contiguous scratch `name` on `device`, reused across calls (grown
+        when a call needs more rows). Each name has one purpose, so one live user."""
+        buf = self._scratch_bufs.get(name)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.dtype != dtype:
+            buf = torch.empty(max(rows, 1), cols, dtype=dtype, device=device)
+            self._scratch_bufs[name] = buf
+        return buf[:rows]
+
+    @property
+    def _staged(self) -> bool:
+        """CUDA rows, host (pinned) registered buffers: rows cross PCIe in explicit copies."""
+        return self.buf_device.type != self.device.type
+
+    def _sync_device(self) -> None:
+        """Wait for the device's queued work (a no-op on the CPU): before the host reads
+        device results, or before the NIC reads registered GPU memory (FI_HMEM)."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def _node_exchange(
+        self, name: str, send: torch.Tensor, send_counts: list[int], recv_counts: list[int]
+    ) -> torch.Tensor:
+        """`all_to_all_single` of `[N_send, B]` uint8 rows over the node group, into the
+        reused scratch `name`; returns `[N_recv, B]` uint8 (source rank order)."""
+        recv = self._scratch(name, sum(recv_counts), send.shape[1], torch.uint8, send.device)
+        if self.ranks_per_node == 1:
+            recv.copy_(send)
+        else:
+            dist.all_to_all_single(
+                recv, send, list(recv_counts), list(send_counts), group=self.node_group
+            )
+        return recv
+
+    def _token_records(self, x: torch.Tensor, x_scale: torch.Tensor | None, m: int) -> torch.Tensor:
+        """`[m, rec_bytes]` uint8 on x's device: each live token's record (x bytes, then its
+        scales as f32 bytes), so packing any set of slots is one row gather of this."""
+        tr = self._scratch("token_records", m, self.rec_bytes, torch.uint8, x.device)
+        tr[:, : self.x_bytes].copy_(x[:m].contiguous().view(torch.uint8))
         if self.hidden_dim_scale:
-            rec[:, self.x_bytes :] = x_scale.float().contiguous().view(torch.uint8)[tok]
-        return rec
+            tr[:, self.x_bytes :].copy_(x_scale[:m].float().contiguous().view(torch.uint8))
+        return tr
 
     def _dispatch_send(self, x, x_scale, indices, bound_m) -> None:
         ph = self.phase = PhaseTimes()
         t0 = time.perf_counter()
-        world, e_local, k = self.world_size, self.num_local_experts, self.topk
+        world, e, e_local, k = self.world_size, self.num_experts, self.num_local_experts, self.topk
         m = L.live_tokens(bound_m, indices.shape[0])
         flat = indices[:m].reshape(-1).long()
-        my_counts = torch.bincount(flat, minlength=self.num_experts)[: self.num_experts]
+        my_counts = torch.bincount(flat, minlength=e)[:e]  # [E] on the device
         send_order = torch.sort(flat, stable=True).indices  # [N] by (expert, t, k)
-        send_counts = my_counts.reshape(world, e_local).sum(1).cpu()  # [R]
-        starts = (send_counts.cumsum(0) - send_counts).tolist()
-        send_counts = send_counts.tolist()
-        counts = torch.zeros(world, self.num_experts, dtype=torch.int64)
-        counts[self.rank] = my_counts.cpu()
         tok = send_order // k  # [N] token of each sorted slot
+        # The one device -> host read of the send side: this rank's counts (non-blocking
+        # into pinned memory, one sync); every other index derives from them on the host.
+        hc = self._host_counts
+        hc.copy_(my_counts, non_blocking=True)
+        self._sync_device()
+        counts = torch.zeros(world, e, dtype=torch.int64)
+        counts[self.rank] = hc
+        per_dst = hc.view(world, e_local).sum(1)  # [R] slots sent to each rank
+        send_counts = per_dst.tolist()
+        starts = (per_dst.cumsum(0) - per_dst).tolist()  # first sorted slot of each rank
         remote = self.remote_ranks
-        all_recs = None
+        staged = self._staged
+        token_recs = self._token_records(x, x_scale, m)
+        if remote and not staged:  # pack straight into the registered send buffer
+            pack = self.send_buf[self.s_disp : self.s_disp + self.max_slots * self.rec_bytes]
+            pack = pack.view(self.max_slots, self.rec_bytes)
+        else:  # on the device; remote slices are then copied to pinned memory
+            pack = self._scratch(
+                "dispatch_pack", flat.numel(), self.rec_bytes, torch.uint8, x.device
+            )
+
+        def gather(lo: int, hi: int) -> None:
+            # Records of sorted slots lo..hi (one destination's, or the node's): one gather.
+            torch.index_select(token_recs, 0, tok[lo:hi], out=pack[lo:hi])
 
         if remote:
             q = self.max_private
@@ -551,35 +631,37 @@ class InterNodeAllToAll:
                     self._poster.imm(d, self._imm(DISP_FREE, self.rank))
                 for d in remote:
                     self._wait(DISP_FREE, d, 1)
-            cnt_view = self.send_buf[self.s_counts : self.s_counts + 4 * self.num_experts]
-            cnt_view.view(torch.int32).copy_(my_counts.to(torch.int32))
+            cnt_view = self.send_buf[self.s_counts : self.s_counts + 4 * e]
+            cnt_view.view(torch.int32).copy_(hc)
             self._poster.scatter(
                 remote,
                 self.s_counts,
-                self.r_counts + self.rank * self.num_experts * 4,
-                self.num_experts * 4,
+                self.r_counts + self.rank * e * 4,
+                e * 4,
                 self._imm(COUNTS, self.rank),
             )
             ph.counts += _us(t0)
             t1 = time.perf_counter()
-            # Records of every live slot in sorted order (a destination's are contiguous),
-            # packed on the device, then ONE copy into the registered send buffer (pinned
-            # host memory for CUDA without FI_HMEM: one PCIe transfer, one sync).
-            all_recs = self._pack_records(x, x_scale, tok)
-            recs = self.send_buf[self.s_disp : self.s_disp + self.max_slots * self.rec_bytes]
-            recs = recs.view(self.max_slots, self.rec_bytes)
-            recs[: all_recs.shape[0]].copy_(all_recs)
+            # A destination's records are contiguous in sorted order: gather them, post its
+            # private write, and gather the next destination's while that write progresses.
+            host_recs = self.send_buf[
+                self.s_disp : self.s_disp + self.max_slots * self.rec_bytes
+            ].view(self.max_slots, self.rec_bytes)
             for d in remote:
                 n = send_counts[d]
                 if n == 0:
                     continue
                 lo = starts[d]
-                n_priv = min(n, q)
+                gather(lo, lo + n)
+                if staged:
+                    host_recs[lo : lo + n].copy_(pack[lo : lo + n])  # one D2H copy (syncs)
+                else:
+                    self._sync_device()
                 self._poster.write(
                     d,
                     self.s_disp + lo * self.rec_bytes,
                     self.r_dpriv + self.rank * q * self.rec_bytes,
-                    n_priv * self.rec_bytes,
+                    min(n, q) * self.rec_bytes,
                     self._imm(DISP_PRIV, self.rank),
                 )
             ph.private += _us(t1)
@@ -587,33 +669,38 @@ class InterNodeAllToAll:
         t2 = time.perf_counter()
         # Node peers: counts all-gather, then rows over the node group (torch all-to-all)
         # or the Triton kernels (NVLink / shared memory).
-        p = self.ranks_per_node
-        if p > 1:
-            gathered = [torch.empty_like(my_counts) for _ in range(p)]
+        nr = self.node_ranks
+        if self.ranks_per_node > 1:
+            gathered = [torch.empty_like(my_counts) for _ in nr]
             dist.all_gather(gathered, my_counts, group=self.node_group)
-            for i, r in enumerate(self.node_ranks):
-                counts[r] = gathered[i].cpu()
+            counts[nr[0] : nr[-1] + 1] = torch.stack(gathered).cpu()  # one device -> host copy
         me_lo, me_hi = self.rank * e_local, (self.rank + 1) * e_local
-        n_send_node = [send_counts[r] for r in self.node_ranks]
-        n_recv_node = [int(counts[r, me_lo:me_hi].sum()) for r in self.node_ranks]
-        lo, hi = starts[self.node_ranks[0]], starts[self.node_ranks[-1]] + n_send_node[-1]
+        n_send_node = [send_counts[r] for r in nr]
+        n_recv_node = counts[nr[0] : nr[-1] + 1, me_lo:me_hi].sum(1).tolist()
+        # Node ranks are consecutive, so their slots are one block of the sorted order.
+        lo, hi = starts[nr[0]], starts[nr[-1]] + n_send_node[-1]
         if self._tri is not None:
             n_node = hi - lo
             t_node = tok[lo:hi]
-            self._tri_x.view(torch.uint8)[:n_node] = x.contiguous().view(torch.uint8)[t_node]
+            torch.index_select(
+                x[:m].contiguous().view(torch.uint8),
+                0,
+                t_node,
+                out=self._tri_x.view(torch.uint8)[:n_node],
+            )
             if self._tri_xs is not None:
-                self._tri_xs[:n_node] = x_scale.float()[t_node]
-            node_first = self.node_ranks[0] * e_local
+                xs = x_scale[:m].float().contiguous()
+                torch.index_select(xs, 0, t_node, out=self._tri_xs[:n_node])
+            node_first = nr[0] * e_local
             self._tri_idx[:n_node, 0] = (flat[send_order[lo:hi]] - node_first).to(torch.int32)
             self._tri_bound.fill_(n_node)
             self._tri.dispatch(*self._tri_dispatch_args(), do_send=True, do_recv=False)
             self._node_recs = None
         else:
-            if all_recs is not None:
-                node_send = all_recs[lo:hi]
-            else:
-                node_send = self._pack_records(x, x_scale, tok[lo:hi])
-            self._node_recs = R.exchange_rows(node_send, n_send_node, n_recv_node, self.node_group)
+            gather(lo, hi)
+            self._node_recs = self._node_exchange(
+                "dispatch_node", pack[lo:hi], n_send_node, n_recv_node
+            )
         ph.intra += _us(t2)
         self._dispatch = _DispatchState(
             counts=counts,
@@ -631,13 +718,15 @@ class InterNodeAllToAll:
         me_lo, me_hi = self.rank * e_local, (self.rank + 1) * e_local
         remote = self.remote_ranks
         counts = st.counts
+        xb, rb = self.x_bytes, self.rec_bytes
         if remote:
             t0 = time.perf_counter()
             cview = self.recv_buf[self.r_counts : self.r_counts + world * self.num_experts * 4]
             cview = cview.view(torch.int32).view(world, self.num_experts)
             for s in remote:
                 self._wait(COUNTS, s, 1)
-                counts[s] = cview[s].to("cpu", torch.int64)
+            remote_t = torch.tensor(remote)
+            counts[remote_t] = cview.to("cpu", torch.int64)[remote_t]  # one copy (FI_HMEM: D2H)
             ph.counts += _us(t0)
             t1 = time.perf_counter()
             for d in remote:
@@ -647,75 +736,76 @@ class InterNodeAllToAll:
                 off = self._overflow_offset(counts, self.rank, d, per_rank=False)
                 self._poster.write(
                     d,
-                    self.s_disp + (self._starts[d] + q) * self.rec_bytes,
-                    self.r_dovf + off * self.rec_bytes,
-                    (n - q) * self.rec_bytes,
+                    self.s_disp + (self._starts[d] + q) * rb,
+                    self.r_dovf + off * rb,
+                    (n - q) * rb,
                     self._imm(DISP_OVF, self.rank),
                 )
             ph.overflow += _us(t1)
         t2 = time.perf_counter()
-        n_from = [int(counts[s, me_lo:me_hi].sum()) for s in range(world)]
+        n_from = counts[:, me_lo:me_hi].sum(1).tolist()  # [R] slots each source sends here
         for s in remote:
-            self._wait(DISP_PRIV, s, self._shards(min(n_from[s], q) * self.rec_bytes))
-            self._wait(DISP_OVF, s, self._shards(max(0, n_from[s] - q) * self.rec_bytes))
+            self._wait(DISP_PRIV, s, self._shards(min(n_from[s], q) * rb))
+            self._wait(DISP_OVF, s, self._shards(max(0, n_from[s] - q) * rb))
         ph.recv_wait += _us(t2)
 
+        dev = out_x.device
+        nr = self.node_ranks
+        # Node rows as (x bytes, scale bytes) in arrival order (source, expert, t, k).
         if self._tri is not None:
             t_tri = time.perf_counter()
             self._tri.dispatch(*self._tri_dispatch_args(), do_send=False, do_recv=True)
-            # Node rows in arrival order (source, expert, t, k): where the kernels put them.
-            nr, lo_e = self.node_ranks, self.node_ranks[0] * e_local
+            # Where the kernels put the node rows: their layout over the node's experts.
+            lo_e = nr[0] * e_local
             node_counts = counts[nr[0] : nr[-1] + 1, lo_e : lo_e + len(nr) * e_local]
             node_layout = L.group_layout(node_counts, 1)
             self._node_rows = L.recv_rows(node_layout, self.rank - nr[0]).to(self.device)
-            recs = torch.empty(
-                self._node_rows.numel(), self.rec_bytes, dtype=torch.uint8, device=self.device
-            )
-            recs[:, : self.x_bytes] = self._tri_ex.view(torch.uint8)[self._node_rows]
+            node_x = self._tri_ex.view(torch.uint8).index_select(0, self._node_rows)
+            node_s = None
             if self._tri_exs is not None:
-                recs[:, self.x_bytes :] = self._tri_exs.view(torch.uint8)[self._node_rows]
-            self._node_recs = recs
+                node_s = self._tri_exs.view(torch.uint8).index_select(0, self._node_rows)
             ph.intra += _us(t_tri)
+        else:
+            node_x, node_s = self._node_recs[:, :xb], self._node_recs[:, xb:]
         t3 = time.perf_counter()
         layout = L.group_layout(counts, self.expert_padding)
         st.layout = layout
-        # Received records in arrival order: source rank, then (expert, t, k).
-        parts = []
-        node_pos = 0
+        rows = L.recv_rows(layout, self.rank).to(dev)  # [N_recv] arrival order
+        st.recv_rows, st.n_from = rows, n_from
+        # Parts in arrival order: the node block where its first rank falls, and each
+        # remote source's private rows, then its overflow rows, straight from the region.
+        parts: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         for s in range(world):
-            n = n_from[s]
-            if n == 0:
-                continue
-            if s in self.node_ranks:
-                parts.append(self._node_recs[node_pos : node_pos + n])
-                node_pos += n
-                continue
-            priv = self.recv_buf[
-                self.r_dpriv + s * q * self.rec_bytes : self.r_dpriv
-                + (s * q + min(n, q)) * self.rec_bytes
-            ]
-            parts.append(priv.view(-1, self.rec_bytes))
-            if n > q:
-                off = self._overflow_offset(counts, s, self.rank, per_rank=False)
-                ovf = self.recv_buf[
-                    self.r_dovf + off * self.rec_bytes : self.r_dovf
-                    + (off + n - q) * self.rec_bytes
-                ]
-                parts.append(ovf.view(-1, self.rec_bytes))
-        rows = L.recv_rows(layout, self.rank).to(out_x.device)
-        # Scatter each part straight into place (no concatenated copy): part i's rows are
-        # the next len(part) entries of the arrival-order row list.
+            if s == nr[0]:
+                parts.append((node_x, node_s))
+            elif s not in nr and n_from[s]:
+                n = n_from[s]
+                base = self.r_dpriv + s * q * rb
+                regions = [self.recv_buf[base : base + min(n, q) * rb]]
+                if n > q:
+                    off = self._overflow_offset(counts, s, self.rank, per_rank=False)
+                    base = self.r_dovf + off * rb
+                    regions.append(self.recv_buf[base : base + (n - q) * rb])
+                for reg in regions:
+                    rec = reg.view(-1, rb).to(dev)  # staged: one H2D copy per region
+                    parts.append((rec[:, :xb], rec[:, xb:]))
+        # One index_copy_ per part into expert_x (and its scales), in words.
         x_out = out_x.view(torch.uint8)
         s_out = None if out_x_scale is None else out_x_scale.view(torch.uint8)
         pos = 0
-        for part in parts:
-            n = part.shape[0]
-            part = part.to(out_x.device)
+        for px, ps in parts:
+            n = px.shape[0]
+            if n == 0:
+                continue
             dst_rows = rows[pos : pos + n]
-            x_out[dst_rows] = part[:, : self.x_bytes]
+            dst, src = _words(x_out, px)
+            dst.index_copy_(0, dst_rows, src)
             if s_out is not None:
-                s_out[dst_rows] = part[:, self.x_bytes :]
+                dst, src = _words(s_out, ps)
+                dst.index_copy_(0, dst_rows, src)
             pos += n
+        if pos != rows.numel():
+            raise RuntimeError(f"rank {self.rank}: placed {pos} of {rows.numel()} rows")
         out_num.copy_(layout.expert_num_tokens[self.rank].to(out_num.device, torch.int32))
         ph.place += _us(t3)
         if remote:
@@ -766,52 +856,57 @@ class InterNodeAllToAll:
     def _combine_send(self, expert_y: torch.Tensor) -> None:
         st = self._dispatch
         t0 = time.perf_counter()
-        world, e_local, q = self.world_size, self.num_local_experts, self.max_private
-        me_lo, me_hi = self.rank * e_local, (self.rank + 1) * e_local
-        layout, counts = st.layout, st.counts
-        rows = L.recv_rows(layout, self.rank).to(expert_y.device)  # arrival order
-        y = expert_y.contiguous().view(torch.uint8)[rows]  # [N_recv, y_bytes]
-        n_from = [int(counts[s, me_lo:me_hi].sum()) for s in range(world)]
+        q, yb = self.max_private, self.y_bytes
+        counts, rows, n_from = st.counts, st.recv_rows, st.n_from  # rows: arrival order
         seg = [0]
         for n in n_from:
             seg.append(seg[-1] + n)
-        if self.remote_ranks:
+        y_src = expert_y.contiguous().view(torch.uint8)  # [rows of expert_y, y_bytes]
+        remote = self.remote_ranks
+        staged = self._staged
+        if remote and not staged:  # gather straight into the registered send buffer
+            ys = self.send_buf[self.s_comb : self.s_comb + self.world_size * self.max_slots * yb]
+            pack = ys.view(-1, yb)
+        else:
+            pack = self._scratch("combine_pack", rows.numel(), yb, torch.uint8, y_src.device)
+
+        def gather(lo: int, hi: int) -> None:
+            # expert_y rows of arrival slots lo..hi (one source's, or the node's): one gather.
+            torch.index_select(y_src, 0, rows[lo:hi], out=pack[lo:hi])
+
+        if remote:
             if self._iter_combine > 0:  # credits, as in _dispatch_send
-                for s in self.remote_ranks:
+                for s in remote:
                     self._poster.imm(s, self._imm(COMB_FREE, self.rank))
-                for s in self.remote_ranks:
+                for s in remote:
                     self._wait(COMB_FREE, s, 1)
-            ys = self.send_buf[self.s_comb : self.s_comb + world * self.max_slots * self.y_bytes]
-            ys = ys.view(-1, self.y_bytes)
-            ys[: y.shape[0]].copy_(y)  # one device -> host copy of every row, arrival order
-            for s in self.remote_ranks:
+            host_ys = self.send_buf[
+                self.s_comb : self.s_comb + self.world_size * self.max_slots * yb
+            ].view(-1, yb)
+            for s in remote:
                 n = n_from[s]
                 if n == 0:
                     continue
-                src = self.s_comb + seg[s] * self.y_bytes
+                lo = seg[s]
+                gather(lo, lo + n)
+                if staged:
+                    host_ys[lo : lo + n].copy_(pack[lo : lo + n])  # one D2H copy (syncs)
+                else:
+                    self._sync_device()
+                src = self.s_comb + lo * yb
                 imm = self._imm(COMB, self.rank)
-                n_priv = min(n, q)
-                self._poster.write(
-                    s,
-                    src,
-                    self.r_cpriv + self.rank * q * self.y_bytes,
-                    n_priv * self.y_bytes,
-                    imm,
-                )
+                self._poster.write(s, src, self.r_cpriv + self.rank * q * yb, min(n, q) * yb, imm)
                 if n > q:
                     off = self._overflow_offset(counts, s, self.rank, per_rank=True)
-                    self._poster.write(
-                        s,
-                        src + q * self.y_bytes,
-                        self.r_covf + off * self.y_bytes,
-                        (n - q) * self.y_bytes,
-                        imm,
-                    )
+                    self._poster.write(s, src + q * yb, self.r_covf + off * yb, (n - q) * yb, imm)
         nr = self.node_ranks
-        send = torch.cat([y[seg[r] : seg[r] + n_from[r]] for r in nr]) if nr else y[:0]
+        lo, hi = seg[nr[0]], seg[nr[-1] + 1]  # node sources are consecutive: one block
+        gather(lo, hi)
+        send = pack[lo:hi]
         n_back = [st.send_counts[r] for r in nr]
         if self._tri is not None:
-            self._tri_ey.view(torch.uint8)[self._node_rows] = send
+            dst, src = _words(self._tri_ey.view(torch.uint8), send)
+            dst.index_copy_(0, self._node_rows, src)
             self._tri.combine(
                 self._tri_out,
                 self._tri_idx,
@@ -822,16 +917,17 @@ class InterNodeAllToAll:
                 do_recv=False,
             )
         else:
-            self._comb_node = R.exchange_rows(
-                send, [n_from[r] for r in nr], n_back, self.node_group
+            self._comb_node = self._node_exchange(
+                "combine_node", send, [n_from[r] for r in nr], n_back
             )
         self.phase.combine_send = _us(t0)
 
     def _combine_recv(self, out_tokens, weights, accumulate) -> None:
         st = self._dispatch
         t0 = time.perf_counter()
-        q = self.max_private
+        q, yb = self.max_private, self.y_bytes
         dev = out_tokens.device
+        nr = self.node_ranks
         if self._tri is not None:
             self._tri.combine(
                 self._tri_out,
@@ -842,55 +938,54 @@ class InterNodeAllToAll:
                 do_send=False,
                 do_recv=True,
             )
-            n_node = sum(st.send_counts[r] for r in self.node_ranks)
+            n_node = sum(st.send_counts[r] for r in nr)
             self._comb_node = self._tri_out[:n_node].view(torch.uint8)
         for d in self.remote_ranks:
             n = st.send_counts[d]
-            arrivals = self._shards(min(n, q) * self.y_bytes)
-            arrivals += self._shards(max(0, n - q) * self.y_bytes)
+            arrivals = self._shards(min(n, q) * yb)
+            arrivals += self._shards(max(0, n - q) * yb)
             self._wait(COMB, d, arrivals)
         self.phase.combine_wait = _us(t0)
         t1 = time.perf_counter()
-        parts = []
-        node_pos = 0
-        for d in range(self.world_size):
-            n = st.send_counts[d]
-            if n == 0:
-                continue
-            if d in self.node_ranks:
-                parts.append(self._comb_node[node_pos : node_pos + n].view(torch.uint8).to(dev))
-                node_pos += n
-                continue
-            base = self.r_cpriv + d * q * self.y_bytes
-            parts.append(
-                self.recv_buf[base : base + min(n, q) * self.y_bytes].view(-1, self.y_bytes).to(dev)
-            )
-            if n > q:
-                off = self._overflow_offset(st.counts, self.rank, d, per_rank=True)
-                base = self.r_covf + off * self.y_bytes
-                parts.append(
-                    self.recv_buf[base : base + (n - q) * self.y_bytes]
-                    .view(-1, self.y_bytes)
-                    .to(dev)
-                )
         m, k, h = st.num_live, self.topk, self.hidden_dim
-        # Rows back in (t, k) order, converted to f32 once: parts are in send order
-        # (destination, expert, t, k), i.e. consecutive slices of send_order.
-        flat = torch.empty(m * k, h, dtype=torch.float32, device=dev)
-        order = st.send_order.to(dev)
+        # Rows back in (t, k) slot order: the parts are in send order (destination, expert,
+        # t, k), i.e. consecutive slices of send_order; one index_copy_ per part, in words.
+        slots = self._scratch("combine_slots", m * k, yb, torch.uint8, dev)
+        order = st.send_order
         pos = 0
+        parts: list[torch.Tensor] = []
+        for d in range(self.world_size):
+            if d == nr[0]:
+                parts.append(self._comb_node)  # every node rank's rows, in rank order
+            elif d not in nr and st.send_counts[d]:
+                n = st.send_counts[d]
+                base = self.r_cpriv + d * q * yb
+                parts.append(self.recv_buf[base : base + min(n, q) * yb])
+                if n > q:
+                    off = self._overflow_offset(st.counts, self.rank, d, per_rank=True)
+                    base = self.r_covf + off * yb
+                    parts.append(self.recv_buf[base : base + (n - q) * yb])
         for part in parts:
+            part = part.view(-1, yb).to(dev)  # staged: one H2D copy per region
             n = part.shape[0]
-            flat[order[pos : pos + n]] = part.view(self.out_dtype).float()
+            if n:
+                dst, src = _words(slots, part)
+                dst.index_copy_(0, order[pos : pos + n], src)
             pos += n
-        rows_f = flat.view(m, k, h)
+        if pos != m * k:
+            raise RuntimeError(f"rank {self.rank}: combine got {pos} of {m * k} rows")
+        rows_y = slots.view(self.out_dtype).view(m, k, h)
+        if torch.promote_types(self.out_dtype, torch.float32) != torch.float32:
+            rows_y = rows_y.float()
         w = weights[:m].float()
         # The reference's arithmetic (`reference.weighted_sum`): acc = acc + w * row in k
-        # order, each product rounded to f32 before the add; in place, no temporaries.
-        acc = torch.zeros(m, h, dtype=torch.float32, device=dev)
-        prod = torch.empty(m, h, dtype=torch.float32, device=dev)
+        # order, each product rounded to f32 before the add. torch.mul promotes a bf16 row
+        # to f32 exactly, so no f32 copy of the rows is made; reused scratch, no temporaries.
+        acc = self._scratch("combine_acc", m, h, torch.float32, dev)
+        prod = self._scratch("combine_prod", m, h, torch.float32, dev)
+        acc.zero_()
         for kk in range(k):
-            torch.mul(w[:, kk : kk + 1], rows_f[:, kk], out=prod)
+            torch.mul(w[:, kk : kk + 1], rows_y[:, kk], out=prod)
             acc.add_(prod)
         R.finish_combine(acc, out_tokens, accumulate)
         if self.remote_ranks:
