@@ -203,8 +203,10 @@ PHASES = [
     ("dispatch", "intra", "intra-node (node group)"),
     ("dispatch", "recv_wait", "receive wait (imm counts)"),
     ("dispatch", "place", "place rows into expert_x"),
-    ("combine", "combine_send", "send (pack + post + intra)"),
+    ("combine", "combine_send", "send (credits + pack + post)"),
+    ("combine", "combine_intra", "intra-node (node group)"),
     ("combine", "combine_wait", "receive wait"),
+    ("combine", "combine_place", "rows into (t, k) order"),
     ("combine", "combine_sum", "weighted sum"),
 ]
 

@@ -59,6 +59,14 @@ through pinned host memory when the libfabric build lacks FI_HMEM (every Debian/
 build here); with FI_HMEM the registered regions live in GPU memory; `fabric_path` says
 which.
 
+Host work per call (no loop over rows or tokens): the counts cross device -> host once
+(non-blocking into pinned memory, one sync); the index tensors (sorted slot order, rows of
+`expert_x` in arrival order) are computed once from the counts; each destination's rows
+are one `index_select` straight into the registered send buffer (staged: on the device,
+then one copy to pinned memory), posted before the next destination's are packed; each
+received region is one `index_copy_` (in 8-byte words) into `expert_x` or into the slot
+order of combine; per-call scratch is allocated once and reused.
+
 Warning: dispatch and combine are collectives over the whole group and the node groups;
 combine uses the routing of the dispatch before it. Counts are read on the host, so calls
 synchronise with the device and cannot be captured in a CUDA graph.
@@ -134,8 +142,10 @@ class PhaseTimes:
     intra: float = 0.0  # node group exchange
     recv_wait: float = 0.0  # wait for rows (dispatch) to land
     place: float = 0.0  # rows into expert_x
-    combine_send: float = 0.0
+    combine_send: float = 0.0  # credits + pack rows + post writes
+    combine_intra: float = 0.0  # node group exchange
     combine_wait: float = 0.0
+    combine_place: float = 0.0  # received rows into (t, k) slot order
     combine_sum: float = 0.0
 
 
@@ -903,6 +913,7 @@ class InterNodeAllToAll:
         lo, hi = seg[nr[0]], seg[nr[-1] + 1]  # node sources are consecutive: one block
         gather(lo, hi)
         send = pack[lo:hi]
+        t_intra = time.perf_counter()
         n_back = [st.send_counts[r] for r in nr]
         if self._tri is not None:
             dst, src = _words(self._tri_ey.view(torch.uint8), send)
@@ -920,7 +931,8 @@ class InterNodeAllToAll:
             self._comb_node = self._node_exchange(
                 "combine_node", send, [n_from[r] for r in nr], n_back
             )
-        self.phase.combine_send = _us(t0)
+        self.phase.combine_intra = _us(t_intra)
+        self.phase.combine_send = (t_intra - t0) * 1e6
 
     def _combine_recv(self, out_tokens, weights, accumulate) -> None:
         st = self._dispatch
@@ -974,6 +986,8 @@ class InterNodeAllToAll:
             pos += n
         if pos != m * k:
             raise RuntimeError(f"rank {self.rank}: combine got {pos} of {m * k} rows")
+        self.phase.combine_place = _us(t1)
+        t2 = time.perf_counter()
         rows_y = slots.view(self.out_dtype).view(m, k, h)
         if torch.promote_types(self.out_dtype, torch.float32) != torch.float32:
             rows_y = rows_y.float()
@@ -992,7 +1006,7 @@ class InterNodeAllToAll:
             self._wait_sends()
         self._comb_node = None
         self._iter_combine += 1
-        self.phase.combine_sum = _us(t1)
+        self.phase.combine_sum = _us(t2)
 
     # ------------------------------------------------------------------ lifetime
 
