@@ -607,3 +607,32 @@ def test_descriptor_bytes_round_trip(address, ptr, nbytes, remote):
     assert MrDescriptor.from_bytes(d.to_bytes()) == d
     with pytest.raises(InvalidDescriptor):
         MrDescriptor.from_bytes(d.to_bytes() + b"\0")
+
+
+def test_shm_region_name_is_unique_per_engine():
+    # libfabric's default shm region is /dev/shm/<pid>:<domain>:<ep>; a process killed before
+    # closing its engine leaves it behind, and a later process with the same pid used to fail
+    # fi_enable with EBUSY. Engines name their regions pplx_<pid>_<random>_<domain>.
+    import os
+
+    pid = os.getpid()
+    stale = [f"/dev/shm/{pid}:{d}:{k}" for d in range(2) for k in range(64)]
+    made = []
+    try:
+        for path in stale:
+            if not os.path.exists(path):
+                with open(path, "wb"):
+                    made.append(path)
+        with make("shm", num_domains=2) as a, make("shm", num_domains=2) as b:
+            for eng in (a, b):
+                assert f"pplx_{pid}_".encode() in eng.main_address
+            assert a.main_address != b.main_address
+            src, dst = rand_bytes(4096, seed=31), poisoned(4096)
+            src_mr, _ = a.register_tensor(src)
+            _, dst_desc = b.register_tensor(dst)
+            a.submit_write(src_mr, dst_desc, 4096, imm=9).wait(timeout=TIMEOUT)
+            b.imm_counter(9).wait(1, timeout=TIMEOUT)
+            assert_written(dst, src, 0, 0, 4096)
+    finally:
+        for path in made:
+            os.unlink(path)
