@@ -578,14 +578,16 @@ class InterNodeAllToAll:
         self, name: str, send: torch.Tensor, send_counts: list[int], recv_counts: list[int]
     ) -> torch.Tensor:
         """`all_to_all_single` of `[N_send, B]` uint8 rows over the node group, into the
-        reused scratch `name`; returns `[N_recv, B]` uint8 (source rank order)."""
-        recv = self._scratch(name, sum(recv_counts), send.shape[1], torch.uint8, send.device)
+        reused scratch `name`; returns `[N_recv, B]` uint8 (source rank order), valid until
+        the next send of the same phase."""
         if self.ranks_per_node == 1:
-            recv.copy_(send)
-        else:
-            dist.all_to_all_single(
-                recv, send, list(recv_counts), list(send_counts), group=self.node_group
-            )
+            # Alone in the node: the rows are this rank's own, already packed (in the send
+            # buffer or scratch, untouched until this phase's next send): no copy.
+            return send
+        recv = self._scratch(name, sum(recv_counts), send.shape[1], torch.uint8, send.device)
+        dist.all_to_all_single(
+            recv, send, list(recv_counts), list(send_counts), group=self.node_group
+        )
         return recv
 
     def _token_records(self, x: torch.Tensor, x_scale: torch.Tensor | None, m: int) -> torch.Tensor:
