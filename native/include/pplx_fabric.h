@@ -286,6 +286,18 @@ int pplx_wait_u64(struct pplx_engine *e, const uint64_t *addr, uint64_t value,
 int pplx_bench_pingpong(struct pplx_engine *e, struct pplx_mr *src, struct pplx_rdesc *dst,
 			uint32_t iters, uint64_t len, int initiator, uint32_t imm_ping,
 			uint32_t imm_pong, int64_t timeout_us, double *one_way_us);
+/* Streaming writes entirely in C, the pattern of the bandwidth benchmark:
+ * per rep the initiator posts `writes` writes of len bytes with imm_data,
+ * write k from and to offset (k % slots) * len, at most `window` in flight
+ * (waiting for the oldest), then waits for one imm_ack (consumed) and stores
+ * the rep's microseconds in rep_us[reps]. The responder (initiator = 0;
+ * rep_us may be NULL) waits for writes * num_shards(len) imm_data arrivals
+ * (consumed), then answers with an 8-byte write with imm_ack from offset 0 to
+ * offset 0 and waits for its completion. Each wait has timeout_us. */
+int pplx_bench_stream(struct pplx_engine *e, struct pplx_mr *src, struct pplx_rdesc *dst,
+		      uint32_t reps, uint32_t writes, uint64_t len, uint32_t window,
+		      uint32_t slots, int initiator, uint32_t imm_data, uint32_t imm_ack,
+		      int64_t timeout_us, double *rep_us);
 /* CDEF END */
 
 #ifdef __cplusplus

@@ -69,6 +69,7 @@ IMM_PING_C = 4
 IMM_PONG_C = 5
 LAT_ENGINE_NOTE = "engine C loop: pplx_write + progress + ImmCounter wait, no Python"
 LAT_PY_NOTE = "Python API loop: submit_write + ImmCounter.wait per step"
+BW_C_NOTE = "engine C loop (measure_stream), no Python per write"
 # Bandwidth targets apply from this message size up (issue 2).
 TARGET_BW_FROM = 1 << 20
 TARGET_BW_FRACTION = 0.9
@@ -101,6 +102,9 @@ class FabricBenchConfig:
     sleep_us: int | None = None
     # raw_bench: sched_yield() on an empty CQ instead of spinning (busy machines).
     raw_yield: bool = False
+    # Also time each bw size with the engine's C streaming loop (kind "bw_c", no Python per
+    # write; TransferEngine.measure_stream), to tell Python's share from the engine's.
+    engine_bw: bool = False
 
     def __post_init__(self) -> None:
         if self.provider not in ("shm", "tcp"):
@@ -621,6 +625,28 @@ def _pplx_body(rank: int, port: int, cfg: FabricBenchConfig, q) -> None:
                 slots = cfg.bw_slots(size)
                 offs = [(k % slots) * size for k in range(n)]
                 times = [rep(n, size, offs, offs) for _ in range(cfg.warmup_reps + cfg.reps)]
+                dist.barrier()
+                c_times = None
+                if cfg.engine_bw:
+                    # The C loop consumes what it waits for; the Python loop counts up.
+                    # Start both counters at zero (every earlier arrival was waited for).
+                    for imm, ctr in ((IMM_DATA, data_ctr), (IMM_ACK, ack_ctr)):
+                        ctr.consume(expected[imm])
+                        expected[imm] = 0
+                    dist.barrier()
+                    c_times = eng.measure_stream(
+                        mr,
+                        peer_desc,
+                        cfg.warmup_reps + cfg.reps,
+                        n,
+                        size,
+                        initiator=rank == 0,
+                        window=cfg.window,
+                        slots=slots,
+                        imm_data=IMM_DATA,
+                        imm_ack=IMM_ACK,
+                        timeout=timeout,
+                    )
                 if rank == 1:
                     _check_arrived(buf, peer_orig, offs, offs, size, f"bw {fmt_size(size)}")
                 if rank == 0:
@@ -634,6 +660,11 @@ def _pplx_body(rank: int, port: int, cfg: FabricBenchConfig, q) -> None:
                         buf_bytes=buf.numel(),
                     )
                     q.put(("result", rank, m))
+                    if c_times is not None:
+                        mc = dataclasses.replace(
+                            m, kind="bw_c", samples_us=c_times[cfg.warmup_reps :], notes=BW_C_NOTE
+                        )
+                        q.put(("result", rank, mc))
                 dist.barrier()
         if "paged" in cfg.tests:
             pgen = torch.Generator().manual_seed(cfg.seed)
@@ -731,14 +762,15 @@ def to_rows(
             )
         # The raw latency row stands once, beside the engine row; the Python-loop row
         # compares with it too.
-        pair = [("raw", base), ("pplx", m)] if base and m.kind != "lat_py" else [("pplx", m)]
+        alone = m.kind in ("lat_py", "bw_c")  # the raw row stands beside the main pplx row
+        pair = [("raw", base), ("pplx", m)] if base and not alone else [("pplx", m)]
         for impl, meas in pair:
             p50, p20, p80 = meas.per_sample()
             if meas.kind in ("lat", "lat_py"):
                 shape = "8B ping-pong"
                 gbps = 0.0
                 notes = "one-way us = rtt/2"
-            elif meas.kind == "bw":
+            elif meas.kind in ("bw", "bw_c"):
                 shape = f"{fmt_size(meas.bytes)} x{meas.ops} w{meas.window}"
                 p50, p20, p80 = p50 / meas.ops, p20 / meas.ops, p80 / meas.ops
                 gbps = meas.bytes / p50 / 1e3
@@ -783,7 +815,7 @@ class TargetCheck:
 
 def _raw_key(m: Measurement) -> tuple[str, int]:
     """The raw case a pplx measurement compares with (the Python-loop latency: raw lat)."""
-    return ("lat", m.bytes) if m.kind == "lat_py" else m.key
+    return {"lat_py": ("lat", m.bytes), "bw_c": ("bw", m.bytes)}.get(m.kind, m.key)
 
 
 def check_targets(raw: Sequence[Measurement], pplx: Sequence[Measurement]) -> list[TargetCheck]:
@@ -893,6 +925,11 @@ def make_parser() -> argparse.ArgumentParser:
         default="best",
         help="raw_bench CQ polling: spin, yield the core when empty, or best of both per case",
     )
+    p.add_argument(
+        "--engine-bw",
+        action="store_true",
+        help="also time bw with the engine's C streaming loop (rows bw_c: no Python per write)",
+    )
     p.add_argument("--rounds", type=int, default=1, help="rounds of raw then pplx; samples pooled")
     p.add_argument("--quick", action="store_true", help="small sizes, few iterations (tests)")
     p.add_argument("--csv", help="CSV to append (default experiments/results/fabric/...)")
@@ -925,6 +962,8 @@ def config_from_args(a: argparse.Namespace) -> FabricBenchConfig:
     ):
         if val is not None:
             kw[field] = val
+    if a.engine_bw:
+        kw["engine_bw"] = True
     if a.tests:
         kw["tests"] = tuple(t.strip() for t in a.tests.split(",") if t.strip())
     return FabricBenchConfig(**kw)

@@ -849,6 +849,50 @@ class TransferEngine:
         )
         return list(out[0:iters]) if initiator else None
 
+    def measure_stream(
+        self,
+        src_mr: MemoryRegion,
+        dst_mr: MrDescriptor,
+        reps: int,
+        writes: int,
+        length: int,
+        *,
+        initiator: bool,
+        window: int = 16,
+        slots: int = 1,
+        imm_data: int = 0xFFF2,
+        imm_ack: int = 0xFFF3,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+    ) -> list[float] | None:
+        """Streaming writes run in C (no Python per write): the engine's own bandwidth.
+
+        Per rep the initiator posts `writes` writes of `length` bytes with `imm_data`, write
+        k from and to offset `(k % slots) * length`, at most `window` in flight, then waits
+        for one `imm_ack`; the responder counts the arrivals and acks with an 8-byte write.
+        Both sides call it with the same arguments; the initiator returns `[reps]`
+        microseconds per rep, the responder None."""
+        reps = _check_int("reps", reps, 0, 1 << 31)
+        out = ffi.new("double[]", max(1, reps)) if initiator else ffi.NULL
+        check(
+            lib.pplx_bench_stream(
+                self._handle(),
+                src_mr._handle(),
+                self._rdesc(dst_mr),
+                reps,
+                _check_int("writes", writes, 1, 1 << 31),
+                _check_int("length", length, 0, 1 << 63),
+                _check_int("window", window, 1, 1 << 31),
+                _check_int("slots", slots, 1, 1 << 31),
+                bool(initiator),
+                _imm(imm_data),
+                _imm(imm_ack),
+                _timeout_us(timeout),
+                out,
+            ),
+            "measure_stream",
+        )
+        return list(out[0:reps]) if initiator else None
+
     # ---- lifetime ----
     def close(self) -> None:
         """Fail queued and in-flight requests, unregister every region, stop the progress

@@ -115,6 +115,12 @@ def test_targets_and_ratio_direction():
     assert math.isclose(bw[1].ratio, 0.5)
     lat_py = [r for r in rows if r.case == "lat_py"]
     assert [r.impl for r in lat_py] == ["pplx"] and math.isclose(lat_py[0].ratio, 0.2)
+    # The engine's C streaming row (bw_c) compares with raw bw, stands alone, has no target.
+    bw_c = fabric.Measurement("bw_c", 1 << 20, 4, [500.0])
+    rows = fabric.to_rows(fabric.FabricBenchConfig(), raw, pplx + [bw_c])
+    assert [(r.case, r.impl) for r in rows[-1:]] == [("bw_c", "pplx")]
+    assert math.isclose(rows[-1].ratio, 0.8) and math.isclose(rows[-1].p50_us, 125.0)
+    assert len(fabric.check_targets(raw, pplx + [bw_c])) == 2
 
 
 def test_rows_refuse_unequal_footprints():
@@ -141,3 +147,19 @@ def test_merge_rounds_pools_samples_per_case():
     assert a[0].samples_us == [1.0, 2.0]  # inputs untouched
     with pytest.raises(ValueError, match="does not match"):
         fabric.merge_rounds(a, [fabric.Measurement("bw", 4096, 8, [1.0])])
+
+
+def test_engine_bw_rows(tmp_path):
+    # --engine-bw adds, per size, the engine's C streaming loop beside the Python loop; the
+    # receiver's bit-exact check runs after both.
+    csv_path = tmp_path / "fabric.csv"
+    argv = ["--provider=shm", "--quick", "--engine-bw", "--tests=bw", "--sizes=4K,64K"]
+    assert fabric.main([*argv, f"--csv={csv_path}", "--no-png", "--no-progress"]) == 0
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    want = [(c, b, i) for b in ("4096", "65536") for c, i in (("bw", "raw"), ("bw", "pplx"))]
+    want.insert(2, ("bw_c", "4096", "pplx"))
+    want.append(("bw_c", "65536", "pplx"))
+    assert [(r["case"], r["bytes"], r["impl"]) for r in rows] == want
+    for r in rows:
+        assert float(r["gbps_fabric"]) > 0 and r["notes"], r

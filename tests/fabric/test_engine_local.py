@@ -636,3 +636,33 @@ def test_shm_region_name_is_unique_per_engine():
     finally:
         for path in made:
             os.unlink(path)
+
+
+def test_measure_stream_in_c(pair):
+    # The C streaming loop moves every byte (bit-exact) and reports one time per rep.
+    import threading
+
+    a, b, src, src_mr, dst, dst_desc = pair
+    b_mr, _ = b.register_tensor(rand_bytes(64, seed=13))
+    _, a_desc = a.register_tensor(poisoned(64))
+    dst.fill_(POISON)
+    errors = []
+    kw = dict(window=3, slots=4, timeout=TIMEOUT)
+
+    def responder():
+        try:
+            b.measure_stream(b_mr, a_desc, 5, 10, 4096, initiator=False, **kw)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=responder)
+    t.start()
+    reps = a.measure_stream(src_mr, dst_desc, 5, 10, 4096, initiator=True, **kw)
+    t.join(TIMEOUT)
+    assert not errors and not t.is_alive()
+    assert len(reps) == 5 and all(0 < r < TIMEOUT * 1e6 for r in reps)
+    assert torch.equal(dst[: 4 * 4096], src[: 4 * 4096])  # slots 0..3 written
+    assert (dst[4 * 4096 :] == POISON).all()
+    assert b.imm_counter(0xFFF2).count == 0 and a.imm_counter(0xFFF3).count == 0  # consumed
+    with pytest.raises(InvalidArgument, match="window"):
+        a.measure_stream(src_mr, dst_desc, 1, 1, 8, initiator=True, window=0)
