@@ -61,6 +61,7 @@ RESULTS_DIR = os.path.join(REPO, "experiments", "results", "fabric")
 
 KINDS = ("lat", "bw", "paged")
 LAT_BYTES = 8
+PAGE = 4096
 # Immediates of the pplx side, one per role, so that counts never mix.
 IMM_LAT = 1
 IMM_DATA = 2
@@ -460,11 +461,18 @@ def _permutation(n: int, gen) -> list[int]:
 
 
 def _rank_data(cfg: FabricBenchConfig, rank: int):
-    """`[buf_bytes]` torch.uint8: rank's registered buffer, random (seeded per rank)."""
+    """`[buf_bytes]` torch.uint8: rank's registered buffer, random (seeded per rank), starting
+    on a 4 KiB page boundary like raw_bench's posix_memalign buffer (torch aligns to 64
+    bytes only, so every page of a CMA copy would split in two)."""
     import torch
 
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    return torch.randint(0, 256, (cfg.buf_bytes(),), dtype=torch.uint8, generator=gen)
+    n = cfg.buf_bytes()
+    base = torch.empty(n + PAGE, dtype=torch.uint8)
+    skip = -base.data_ptr() % PAGE
+    buf = base[skip : skip + n]
+    buf.copy_(torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen))
+    return buf
 
 
 def _check_arrived(
