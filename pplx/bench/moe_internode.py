@@ -12,7 +12,8 @@ TransferEngine (shm or tcp: the "network" is inside one host), inside a node the
 process group. Rows:
 - `pplx-internode` dispatch and combine (p50/p20/p80 over iterations, rank 0's clock) and
   the protocol's breakdown (counts exchange, private writes, overflow, intra-node, receive
-  wait, placement; combine send / wait / sum), from the same iterations;
+  wait, placement; combine send, intra-node, wait, rows into (t, k) order, weighted sum),
+  from the same iterations;
 - the baseline in the same run: `pplx.moe.baseline` (`all_to_all_single` over gloo/NCCL);
 - the host proxy round trip: producer -> proxy thread -> write with imm -> ImmCounter ->
   producer, with a C producer, a Python producer, and (CUDA) a Triton kernel producer;

@@ -991,17 +991,18 @@ class InterNodeAllToAll:
         self.phase.combine_place = _us(t1)
         t2 = time.perf_counter()
         rows_y = slots.view(self.out_dtype).view(m, k, h)
-        if torch.promote_types(self.out_dtype, torch.float32) != torch.float32:
-            rows_y = rows_y.float()
         w = weights[:m].float()
         # The reference's arithmetic (`reference.weighted_sum`): acc = acc + w * row in k
-        # order, each product rounded to f32 before the add. torch.mul promotes a bf16 row
-        # to f32 exactly, so no f32 copy of the rows is made; reused scratch, no temporaries.
+        # order, each product rounded to f32 before the add. One slot column at a time:
+        # the row converted to f32 (exact) into a reused [m, H] buffer, scaled, added; no
+        # f32 copy of all m * K rows (decode, one thread: 9.7 ms; one mixed bf16 x f32
+        # torch.mul per column: 11.3 ms).
         acc = self._scratch("combine_acc", m, h, torch.float32, dev)
         prod = self._scratch("combine_prod", m, h, torch.float32, dev)
         acc.zero_()
         for kk in range(k):
-            torch.mul(w[:, kk : kk + 1], rows_y[:, kk], out=prod)
+            prod.copy_(rows_y[:, kk])
+            prod.mul_(w[:, kk : kk + 1])
             acc.add_(prod)
         R.finish_combine(acc, out_tokens, accumulate)
         if self.remote_ranks:
