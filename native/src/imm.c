@@ -9,6 +9,8 @@
 #include <string.h>
 #include <time.h>
 
+#include <sched.h>
+
 #include "internal.h"
 
 static inline void cpu_relax(void)
@@ -93,6 +95,8 @@ void imm_release_held(struct pplx_engine *e, bool all, bool *did)
 
 /* Wait until cond(arg); the caller counts itself in e->waiters for its whole
  * call, so that pplx_engine_destroy waits for it to leave. */
+#define YIELD_AFTER_NS 20000 /* spin this long without progress, then yield between polls */
+
 int engine_wait_cond(struct pplx_engine *e, bool (*cond)(void *), void *arg, int64_t timeout_us)
 {
 	uint64_t start = pplx_now_ns(), now = start;
@@ -135,6 +139,12 @@ int engine_wait_cond(struct pplx_engine *e, bool (*cond)(void *), void *arg, int
 				cpu_relax();
 				now = pplx_now_ns();
 			}
+			/* Past YIELD_AFTER_NS without progress, hand the core over
+			 * between polls: with more runnable threads than cores (the
+			 * peer's copy, our progress thread, other jobs) a pure
+			 * spinner holds its core until the tick (4 ms here). */
+			if (now - last > YIELD_AFTER_NS)
+				sched_yield();
 		}
 		/* Not there yet: the progress thread must take over now, not
 		 * after its step-aside nap. */
