@@ -244,17 +244,25 @@ static void progress_cq(struct pplx_engine *e, struct fid_cq *cq, bool *did)
 		return;
 	*did = true;
 	for (ssize_t i = 0; i < n; i++) {
-		struct pplx_op *op = ent[i].op_context;
+		uint64_t flags = ent[i].flags;
+		struct pplx_op *op;
 
-		if (op) {
-			if (op->kind == OP_RECV)
-				msg_recv_done(e, op, ent[i].len);
-			else
-				op_complete(e, op, 0);
-		} else if (ent[i].flags & FI_REMOTE_CQ_DATA) {
+		/* A remote write's completion belongs to no posted op of ours: decide by
+		 * the flags, never by op_context (shm in libfabric 1.17 does not always
+		 * clear it for these: a stale pointer crashed a two-engine process). */
+		if ((flags & FI_REMOTE_WRITE) || ((flags & FI_REMOTE_CQ_DATA) && !(flags & FI_RECV))) {
 			/* EFA carries 4 bytes of CQ data: the immediate is 32 bits. */
-			imm_arrived(e, (uint32_t)ent[i].data);
+			if (flags & FI_REMOTE_CQ_DATA)
+				imm_arrived(e, (uint32_t)ent[i].data);
+			continue;
 		}
+		op = ent[i].op_context;
+		if (!op)
+			continue;
+		if (op->kind == OP_RECV)
+			msg_recv_done(e, op, ent[i].len);
+		else
+			op_complete(e, op, 0);
 	}
 }
 
