@@ -40,6 +40,21 @@ if ! "$PY" -c "import triton" >/dev/null 2>&1; then
   echo "[bootstrap] pip install $TRITON_SPEC"
   "$PY" -m pip install -q "$TRITON_SPEC"
 fi
-echo "[bootstrap] pip install -e .[dev] (builds the libfabric extension)"
-"$PY" -m pip install -q --no-build-isolation -e ".[dev]"
+# (Re)install only when the extension is missing or older than its sources / metadata, or
+# a dev tool is missing (editable install: Python edits need nothing).
+so=$(ls pplx/_native*.so 2>/dev/null | head -n 1 || true)
+if [ -z "$so" ] || [ -n "$(find native pyproject.toml setup.py -newer "$so" \( -name '*.c' -o -name '*.h' -o -name '*.py' -o -name '*.toml' \) 2>/dev/null | head -n 1)" ] \
+   || ! "$PY" -c "import pplx._ffi, pytest, hypothesis, ruff, nbclient" >/dev/null 2>&1; then
+  echo "[bootstrap] pip install -e .[dev] (builds the libfabric extension)"
+  log=$(mktemp)
+  if ! "$PY" -m pip install -q --no-build-isolation -e ".[dev]" >"$log" 2>&1; then
+    cat "$log" >&2
+    exit 1
+  fi
+  # setuptools' deprecation banners are noise here; anything else is shown.
+  grep -v -e Warning -e '^\s*!!' -e '\*\*\*\*' -e '^\s*$' -e 'Location .* is ignored' \
+    -e 'Please ' -e 'See https' -e 'By 20' -e 'corresp' -e 'with strategy' -e "return '" \
+    -e 'name as your package' -e 'folders in your working' "$log" || true
+  rm -f "$log"
+fi
 "$PY" -c "import pplx._ffi as f; print('[bootstrap] pplx native', f.lib.pplx_version(), 'libfabric', hex(f.lib.pplx_fabric_version()))"
