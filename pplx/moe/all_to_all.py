@@ -190,21 +190,25 @@ class AllToAll:
         self._pending_combine: R.PendingCombine | None = None
         self._impl: Any = None
         self._destroyed = False
+        # What every implementation is built from (the backends share one constructor).
+        common = dict(
+            max_num_tokens=max_num_tokens,
+            num_experts=num_experts,
+            expert_padding=expert_padding,
+            hidden_dim=hidden_dim,
+            hidden_dim_scale=self.hidden_dim_scale,
+            in_dtype=in_dtype,
+            out_dtype=out_dtype,
+            scale_dtype=self.scale_dtype,
+            num_experts_per_token=num_experts_per_token,
+            group=group,
+            device=self.device,
+        )
         if inter:
             from pplx.moe.internode import InterNodeAllToAll
 
             self._impl = InterNodeAllToAll(
-                max_num_tokens=max_num_tokens,
-                num_experts=num_experts,
-                expert_padding=expert_padding,
-                hidden_dim=hidden_dim,
-                hidden_dim_scale=self.hidden_dim_scale,
-                in_dtype=in_dtype,
-                out_dtype=out_dtype,
-                scale_dtype=self.scale_dtype,
-                num_experts_per_token=num_experts_per_token,
-                group=group,
-                device=self.device,
+                **common,
                 ranks_per_node=ranks_per_node,
                 max_private_tokens=max_private_tokens,
                 options=internode,
@@ -213,19 +217,7 @@ class AllToAll:
         elif backend == "triton":
             from pplx.moe.kernels import TritonAllToAll  # lazy: keeps Triton out of imports
 
-            self._impl = TritonAllToAll(
-                max_num_tokens=max_num_tokens,
-                num_experts=num_experts,
-                expert_padding=expert_padding,
-                hidden_dim=hidden_dim,
-                hidden_dim_scale=self.hidden_dim_scale,
-                in_dtype=in_dtype,
-                out_dtype=out_dtype,
-                scale_dtype=self.scale_dtype,
-                num_experts_per_token=num_experts_per_token,
-                group=group,
-                device=self.device,
-            )
+            self._impl = TritonAllToAll(**common)
 
     # ------------------------------------------------------------------ allocation
 
