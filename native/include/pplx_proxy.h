@@ -20,6 +20,22 @@
  * item from the previous lap is never mistaken for a new one. One producer per
  * ring (or producers that hand out tickets among themselves).
  *
+ * Tagged rings (PPLX_PROXY_TAGGED): every word 1..5 also carries the tag of
+ * its ticket in its top byte, tag(t) = (t / num_slots) % 255 + 1 (never 0,
+ * never the previous lap's). The proxy takes slot t once seq == t + 1 AND
+ * every word 1..5 carries tag(t), so a producer may store the words (seq
+ * included) in any order with relaxed 8-byte stores and no fence: each word is
+ * single-copy atomic, and a word with the current tag is the current word. A
+ * GPU saves its system-scope release fence this way (see PERFORMANCE.md,
+ * "Proxy round trip"). Fields are then limited to 56 bits (offsets, len) and
+ * 24 bits (dst); the tag is stripped before the item is posted.
+ *
+ * Progress (PPLX_PROXY_DRIVE): the thread waits for the next item inside
+ * pplx_wait_u64 on the engine, which drives the engine's progress from this
+ * thread while it spins; the engine's own progress thread steps aside, so a
+ * post never waits for the engine lock held by that thread (a futex sleep).
+ * Without it the thread spins on the ring with a pause instruction.
+ *
  * Completion: every posted op's request is kept in order; when one completes,
  * counters[PPLX_PROXY_COMPLETED] (or _FAILED, with the first error code in
  * _ERROR) grows. Receivers learn of data through the engine's ImmCounter
@@ -44,6 +60,12 @@ enum pplx_proxy_op {
 	PPLX_PROXY_NOP = 0, /* consumed and counted as completed, nothing posted */
 	PPLX_PROXY_WRITE = 1, /* len bytes src_offset -> dsts[dst] at dst_offset */
 	PPLX_PROXY_IMM = 2 /* immediate only, to dsts[dst]'s owner */
+};
+
+/* Flags of pplx_proxy_create. */
+enum pplx_proxy_flag {
+	PPLX_PROXY_DRIVE = 1, /* wait for items in pplx_wait_u64: drive the engine's progress */
+	PPLX_PROXY_TAGGED = 2 /* words 1..5 carry the ticket's tag (see above) */
 };
 
 /* Indices into the counters array (pplx_proxy_counters). */
@@ -77,15 +99,17 @@ struct pplx_proxy;
  * items that name them). ring: num_slots * 64 bytes, 64-byte aligned, or NULL
  * for proxy-allocated memory. idle_spin_us: spin this long after the last
  * item, then nap idle_sleep_us per round (0 = spin forever: lowest latency,
- * one core busy). */
+ * one core busy). flags: enum pplx_proxy_flag bits. */
 int pplx_proxy_create(struct pplx_engine *e, struct pplx_mr *src, uint32_t num_dsts,
 		      struct pplx_rdesc *const *dsts, void *ring, uint32_t num_slots,
-		      uint32_t idle_spin_us, uint32_t idle_sleep_us, struct pplx_proxy **out);
+		      uint32_t idle_spin_us, uint32_t idle_sleep_us, uint32_t flags,
+		      struct pplx_proxy **out);
 /* Stop the thread (items not yet consumed are dropped), wait for in-flight
  * ops (at most timeout_us), release everything. */
 void pplx_proxy_destroy(struct pplx_proxy *p, int64_t timeout_us);
 /* The ring (num_slots items) and the counters (PPLX_PROXY_NUM_COUNTERS uint64,
- * in their own cache line, written by the proxy thread with release stores). */
+ * alone in their own page, so that a GPU can cudaHostRegister them; written by
+ * the proxy thread with release stores). */
 int pplx_proxy_ring(struct pplx_proxy *p, struct pplx_proxy_item **items, uint32_t *num_slots,
 		    uint64_t **counters);
 /* A C producer's submission (for CPU code): takes the next ticket, waits up
@@ -104,6 +128,12 @@ int pplx_proxy_wait(struct pplx_proxy *p, uint64_t n, int64_t timeout_us);
 int pplx_proxy_bench_roundtrip(struct pplx_proxy *p, struct pplx_engine *receiver, uint32_t dst,
 			       uint64_t len, uint32_t imm, uint64_t *flag, uint32_t iters,
 			       uint64_t *out_ns, int64_t timeout_us);
+/* PCIe ping-pong partner for GPU latency measurements (no proxy, no fabric):
+ * for v = first .. first + iters - 1, wait until *ping >= v (acquire), then
+ * store v into *pong (release). PPLX_ERR_TIMEOUT if one wait passes
+ * timeout_us. Returns 0. */
+int pplx_proxy_bench_echo(const uint64_t *ping, uint64_t *pong, uint64_t first, uint32_t iters,
+			  int64_t timeout_us);
 /* CDEF END */
 
 #ifdef __cplusplus

@@ -6,7 +6,9 @@
  * Memory ordering: the producer stores seq last with release semantics; the
  * proxy loads seq with acquire semantics, so it sees the item's other words.
  * The proxy publishes counters with release stores; a producer that reads
- * `consumed` with acquire may then overwrite that slot.
+ * `consumed` with acquire may then overwrite that slot. In a tagged ring
+ * (PPLX_PROXY_TAGGED) the producer may store in any order: the proxy reads
+ * each word once more with a relaxed load until all carry the ticket's tag.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -32,6 +34,7 @@ struct pplx_proxy {
 	uint64_t if_head, if_tail;
 	uint64_t next_ticket; /* pplx_proxy_submit's producer side */
 	uint32_t idle_spin_us, idle_sleep_us;
+	uint32_t flags;
 	_Atomic int stop;
 	pthread_t thread;
 	bool started;
@@ -51,6 +54,54 @@ static void nap_us(uint32_t us)
 	struct timespec ts = { .tv_sec = us / 1000000, .tv_nsec = (long)(us % 1000000) * 1000 };
 
 	nanosleep(&ts, NULL);
+}
+
+#define TAG_SHIFT 56
+#define TAG_MASK (0xffull << TAG_SHIFT)
+
+static inline uint64_t ticket_tag(const struct pplx_proxy *p, uint64_t t)
+{
+	return ((t / p->num_slots) % 255 + 1) << TAG_SHIFT;
+}
+
+/* Word i (0..7) of an item, as a relaxed atomic load (other threads, or a
+ * GPU, write the ring while we read it). */
+static inline uint64_t item_word(struct pplx_proxy_item *slot, int i)
+{
+	return __atomic_load_n((uint64_t *)slot + i, __ATOMIC_RELAXED);
+}
+
+/* Copy ticket t's item out of its slot if it is complete: seq == t + 1
+ * (acquire) and, in a tagged ring, every word 1..5 carries tag(t), which is
+ * then stripped. */
+static bool take_item(struct pplx_proxy *p, struct pplx_proxy_item *slot, uint64_t t,
+		      struct pplx_proxy_item *it)
+{
+	uint64_t w[6];
+
+	if (__atomic_load_n(&slot->seq, __ATOMIC_ACQUIRE) != t + 1)
+		return false;
+	for (int i = 1; i < 6; i++)
+		w[i] = item_word(slot, i);
+	if (p->flags & PPLX_PROXY_TAGGED) {
+		uint64_t tag = ticket_tag(p, t);
+
+		for (int i = 1; i < 6; i++) {
+			if ((w[i] & TAG_MASK) != tag)
+				return false;
+			w[i] &= ~TAG_MASK;
+		}
+	}
+	memset(it, 0, sizeof(*it));
+	it->seq = t + 1;
+	it->op = (uint32_t)w[1];
+	it->dst = (uint32_t)(w[1] >> 32);
+	it->src_offset = w[2];
+	it->dst_offset = w[3];
+	it->len = w[4];
+	it->imm = (uint32_t)w[5];
+	it->has_imm = (uint32_t)(w[5] >> 32);
+	return true;
 }
 
 static void count_result(struct pplx_proxy *p, int err)
@@ -105,19 +156,36 @@ static int post(struct pplx_proxy *p, const struct pplx_proxy_item *it, struct p
 	return pplx_fail(PPLX_ERR_INVALID, "proxy item: unknown op %u", it->op);
 }
 
+/* Drive mode: wait for seq == t + 1 inside the engine's wait, which drives
+ * the engine's progress from this thread while it spins (its progress thread
+ * steps aside). Short waits while requests are in flight, so that they are
+ * reaped (and `completed` grows) within DRIVE_REAP_US of their completion. */
+#define DRIVE_REAP_US 20
+#define DRIVE_IDLE_US 200
+
+static void drive_wait(struct pplx_proxy *p, struct pplx_proxy_item *slot, uint64_t t)
+{
+	int64_t us = p->if_tail != p->if_head ? DRIVE_REAP_US : DRIVE_IDLE_US;
+
+	/* A timeout is the normal way out when no item comes: not an error. In a
+	 * tagged ring seq may land before the other words: take_item checks. */
+	(void)pplx_wait_u64(p->e, &slot->seq, t + 1, us);
+}
+
 static void *proxy_main(void *arg)
 {
 	struct pplx_proxy *p = arg;
 	uint64_t consumed = 0, idle_since = pplx_now_ns();
+	const bool drive = (p->flags & PPLX_PROXY_DRIVE) != 0;
 
 	while (!atomic_load_explicit(&p->stop, memory_order_acquire)) {
 		struct pplx_proxy_item *slot = &p->items[consumed & p->mask];
+		struct pplx_proxy_item it;
 		bool did = reap(p);
-
 		/* A request slot must be free before an item is taken. */
-		if (p->if_head - p->if_tail < p->num_slots &&
-		    __atomic_load_n(&slot->seq, __ATOMIC_ACQUIRE) == consumed + 1) {
-			struct pplx_proxy_item it = *slot;
+		bool room = p->if_head - p->if_tail < p->num_slots;
+
+		if (room && take_item(p, slot, consumed, &it)) {
 			struct pplx_req *r;
 			int rc = post(p, &it, &r);
 
@@ -139,6 +207,8 @@ static void *proxy_main(void *arg)
 		if (p->idle_sleep_us &&
 		    pplx_now_ns() - idle_since > (uint64_t)p->idle_spin_us * 1000)
 			nap_us(p->idle_sleep_us);
+		else if (drive && room)
+			drive_wait(p, slot, consumed);
 		else
 			cpu_relax();
 	}
@@ -147,7 +217,8 @@ static void *proxy_main(void *arg)
 
 int pplx_proxy_create(struct pplx_engine *e, struct pplx_mr *src, uint32_t num_dsts,
 		      struct pplx_rdesc *const *dsts, void *ring, uint32_t num_slots,
-		      uint32_t idle_spin_us, uint32_t idle_sleep_us, struct pplx_proxy **out)
+		      uint32_t idle_spin_us, uint32_t idle_sleep_us, uint32_t flags,
+		      struct pplx_proxy **out)
 {
 	struct pplx_proxy *p;
 	int rc;
@@ -159,6 +230,8 @@ int pplx_proxy_create(struct pplx_engine *e, struct pplx_mr *src, uint32_t num_d
 		return pplx_fail(PPLX_ERR_INVALID,
 				 "proxy: num_slots must be a power of two in [2, 2^20], got %u",
 				 num_slots);
+	if (flags & ~(uint32_t)(PPLX_PROXY_DRIVE | PPLX_PROXY_TAGGED))
+		return pplx_fail(PPLX_ERR_INVALID, "proxy: unknown flags 0x%x", flags);
 	if (ring && ((uintptr_t)ring & 63))
 		return pplx_fail(PPLX_ERR_INVALID, "proxy: ring %p must be 64-byte aligned", ring);
 	p = calloc(1, sizeof(*p));
@@ -171,9 +244,12 @@ int pplx_proxy_create(struct pplx_engine *e, struct pplx_mr *src, uint32_t num_d
 	p->mask = num_slots - 1;
 	p->idle_spin_us = idle_spin_us;
 	p->idle_sleep_us = idle_sleep_us;
+	p->flags = flags;
 	p->dsts = calloc(num_dsts ? num_dsts : 1, sizeof(*p->dsts));
 	p->inflight = calloc(num_slots, sizeof(*p->inflight));
-	if (posix_memalign((void **)&p->counters, 64, 64 * sizeof(uint64_t)))
+	/* A page of its own: a GPU registers it (cudaHostRegister rejects a page
+	 * that is registered already, e.g. another proxy's counters). */
+	if (posix_memalign((void **)&p->counters, 4096, 4096))
 		p->counters = NULL;
 	if (!ring) {
 		if (posix_memalign(&ring, 4096, (size_t)num_slots * 64))
@@ -187,7 +263,7 @@ int pplx_proxy_create(struct pplx_engine *e, struct pplx_mr *src, uint32_t num_d
 		rc = -ENOMEM;
 		goto fail;
 	}
-	memset(p->counters, 0, 64 * sizeof(uint64_t));
+	memset(p->counters, 0, 4096);
 	if (num_dsts)
 		memcpy(p->dsts, dsts, num_dsts * sizeof(*dsts));
 	/* A caller's ring may hold a previous proxy's items: start the tickets
@@ -269,13 +345,23 @@ int64_t pplx_proxy_submit(struct pplx_proxy *p, const struct pplx_proxy_item *it
 					 (long long)timeout_us);
 		cpu_relax();
 	}
-	slot->op = item->op;
-	slot->dst = item->dst;
-	slot->src_offset = item->src_offset;
-	slot->dst_offset = item->dst_offset;
-	slot->len = item->len;
-	slot->imm = item->imm;
-	slot->has_imm = item->has_imm;
+	{
+		uint64_t tag = (p->flags & PPLX_PROXY_TAGGED) ? ticket_tag(p, t) : 0;
+		uint64_t *w = (uint64_t *)slot;
+
+		if (tag && ((item->dst | item->has_imm) >> 24 ||
+			    (item->src_offset | item->dst_offset | item->len) & TAG_MASK))
+			return pplx_fail(PPLX_ERR_INVALID,
+					 "proxy: tagged item fields too large (dst < 2^24, "
+					 "offsets and len < 2^56)");
+		__atomic_store_n(&w[1], (item->op | (uint64_t)item->dst << 32) | tag,
+				 __ATOMIC_RELAXED);
+		__atomic_store_n(&w[2], item->src_offset | tag, __ATOMIC_RELAXED);
+		__atomic_store_n(&w[3], item->dst_offset | tag, __ATOMIC_RELAXED);
+		__atomic_store_n(&w[4], item->len | tag, __ATOMIC_RELAXED);
+		__atomic_store_n(&w[5], (item->imm | (uint64_t)item->has_imm << 32) | tag,
+				 __ATOMIC_RELAXED);
+	}
 	__atomic_store_n(&slot->seq, t + 1, __ATOMIC_RELEASE);
 	p->next_ticket = t + 1;
 	return (int64_t)t;
@@ -333,6 +419,28 @@ int pplx_proxy_bench_roundtrip(struct pplx_proxy *p, struct pplx_engine *receive
 			return pplx_fail(rc, "proxy round trip %u: flag not set after %lld us", i,
 					 (long long)timeout_us);
 		out_ns[i] = pplx_now_ns() - t0;
+	}
+	return 0;
+}
+
+int pplx_proxy_bench_echo(const uint64_t *ping, uint64_t *pong, uint64_t first, uint32_t iters,
+			  int64_t timeout_us)
+{
+	for (uint64_t v = first; v < first + iters; v++) {
+		uint64_t start = pplx_now_ns();
+		uint32_t spins = 0;
+
+		while (__atomic_load_n(ping, __ATOMIC_ACQUIRE) < v) {
+			cpu_relax();
+			if (++spins % 1024 == 0 && timeout_us >= 0 &&
+			    pplx_now_ns() - start > (uint64_t)timeout_us * 1000)
+				return pplx_fail(PPLX_ERR_TIMEOUT,
+						 "echo: ping is %llu, waited for %llu for %lld us",
+						 (unsigned long long)__atomic_load_n(ping,
+										     __ATOMIC_ACQUIRE),
+						 (unsigned long long)v, (long long)timeout_us);
+		}
+		__atomic_store_n(pong, v, __ATOMIC_RELEASE);
 	}
 	return 0;
 }

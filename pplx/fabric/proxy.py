@@ -10,7 +10,9 @@ kernel can poll in host-mapped memory. Ring protocol (also in native/include/ppl
     write words 1..7; store word 0 (seq) = t + 1 LAST (release; x86 stores are ordered).
 
 Item words (`[num_slots, 8]` torch.int64 view `ring`): 0 seq, 1 op | dst << 32,
-2 src_offset, 3 dst_offset, 4 len, 5 imm | has_imm << 32, 6-7 reserved.
+2 src_offset, 3 dst_offset, 4 len, 5 imm | has_imm << 32, 6-7 reserved. A tagged ring
+(`tagged=True`) also carries `tag(t) << 56` in words 1..5 (`ticket_tag`), so that a producer
+may store the words in any order with no fence (a GPU saves its system-scope release).
 
 Example::
 
@@ -41,6 +43,13 @@ from pplx.fabric.engine import DEFAULT_TIMEOUT_S, MemoryRegion, TransferEngine, 
 OP_NOP, OP_WRITE, OP_IMM = 0, 1, 2
 CONSUMED, COMPLETED, FAILED, ERROR = 0, 1, 2, 3
 ITEM_WORDS = 8  # 64 bytes
+FLAG_DRIVE, FLAG_TAGGED = 1, 2  # enum pplx_proxy_flag
+TAG_SHIFT = 56
+
+
+def ticket_tag(ticket: int, num_slots: int) -> int:
+    """The tag of ticket `ticket` in a tagged ring, already shifted into the top byte."""
+    return ((ticket // num_slots) % 255 + 1) << TAG_SHIFT
 
 
 class HostProxy:
@@ -55,6 +64,11 @@ class HostProxy:
             GPU kernel can write it through UVA), or None for proxy-allocated memory.
         idle_spin_us, idle_sleep_us: after the last item the thread spins idle_spin_us, then
             naps idle_sleep_us per round (0: spin forever, lowest latency, a core busy).
+        drive_progress: wait for items inside the engine's wait, driving its progress from
+            the proxy thread (the engine's progress thread steps aside, so posts never wait
+            for the engine lock). Lowest latency; the thread spins while work may come.
+        tagged: a tagged ring (module docstring): every producer tags words 1..5
+            (`submit` and `put` do; GPU kernels with `PUBLISH_TAGGED`).
     """
 
     def __init__(
@@ -67,6 +81,8 @@ class HostProxy:
         ring: torch.Tensor | None = None,
         idle_spin_us: int = 200,
         idle_sleep_us: int = 20,
+        drive_progress: bool = False,
+        tagged: bool = False,
     ) -> None:
         if num_slots < 2 or num_slots & (num_slots - 1):
             raise InvalidArgument(f"num_slots must be a power of two >= 2, got {num_slots}")
@@ -97,6 +113,7 @@ class HostProxy:
                 num_slots,
                 idle_spin_us,
                 idle_sleep_us,
+                (FLAG_DRIVE if drive_progress else 0) | (FLAG_TAGGED if tagged else 0),
                 out,
             ),
             "HostProxy",
@@ -106,6 +123,8 @@ class HostProxy:
         # this object references, is still alive then).
         self._finalizer = weakref.finalize(self, lib.pplx_proxy_destroy, out[0], 5_000_000)
         self._ring_owner = ring
+        self.tagged = bool(tagged)
+        self.drive_progress = bool(drive_progress)
         items, n, ctrs = (
             ffi.new("struct pplx_proxy_item **"),
             ffi.new("uint32_t *"),
@@ -166,10 +185,19 @@ class HostProxy:
         t = self._put_ticket
         if t - int(self._ctr_np[CONSUMED]) >= self.num_slots:
             raise InvalidArgument(f"ring full: ticket {t}, consumed {int(self._ctr_np[CONSUMED])}")
+        tag = ticket_tag(t, self.num_slots) if self.tagged else 0
+        if tag and (dst >= 1 << 24 or max(src_offset, dst_offset, nbytes) >= 1 << TAG_SHIFT):
+            raise InvalidArgument("tagged ring: dst < 2^24, offsets and nbytes < 2^56")
+        words = [
+            op | (dst << 32),
+            src_offset,
+            dst_offset,
+            nbytes,
+            0 if imm is None else (imm | (1 << 32)),
+        ]
         row = self._ring_np[t % self.num_slots]
-        row[1] = op | (dst << 32)
-        row[2], row[3], row[4] = src_offset, dst_offset, nbytes
-        row[5] = 0 if imm is None else (imm | (1 << 32))
+        # int64 storage: a tag in the top byte makes the word negative.
+        row[1:6] = np.array([w | tag for w in words], dtype=np.uint64).view(np.int64)
         row[0] = t + 1  # last: the proxy takes the item once it sees seq == t + 1
         self._put_ticket = t + 1
         self.submitted += 1
@@ -239,6 +267,31 @@ class HostProxy:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def bench_echo(
+    ping: torch.Tensor,
+    pong: torch.Tensor,
+    first: int,
+    iters: int,
+    timeout: float | None = DEFAULT_TIMEOUT_S,
+) -> None:
+    """PCIe ping-pong partner (`pplx_proxy_bench_echo`): for v = first .. first + iters - 1,
+    wait until `ping[0] >= v`, then store v into `pong[0]`; releases the GIL (run it on a
+    thread beside a kernel that pings). `ping`, `pong`: host int64 tensors."""
+    for t in (ping, pong):
+        if t.dtype != torch.int64 or t.device.type != "cpu" or t.numel() < 1:
+            raise InvalidArgument("bench_echo: ping and pong must be host int64 tensors")
+    check(
+        lib.pplx_proxy_bench_echo(
+            ffi.cast("uint64_t *", ping.data_ptr()),
+            ffi.cast("uint64_t *", pong.data_ptr()),
+            first,
+            iters,
+            _timeout_us(timeout),
+        ),
+        "bench_echo",
+    )
 
 
 class ProxyPoster:

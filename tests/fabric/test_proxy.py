@@ -7,12 +7,15 @@ bit-exactly and everything outside the written ranges must still be poison.
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
 
 from pplx.fabric import FaultInjection, InvalidArgument, TransferEngine, TransferFailed
-from pplx.fabric.proxy import OP_IMM, OP_NOP, HostProxy
+from pplx.fabric.proxy import OP_IMM, OP_NOP, OP_WRITE, HostProxy, bench_echo, ticket_tag
 
 PROVIDERS = ["shm", "tcp"]
 POISON = 0x7F
@@ -37,8 +40,13 @@ def pair(request):
     b.close()
 
 
+MODES = {"plain": {}, "tagged": {"tagged": True}, "drive": {"drive_progress": True}}
+MODES["tagged+drive"] = {"tagged": True, "drive_progress": True}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("producer", ["c", "python"])
-def test_proxy_writes_land_and_count(pair, producer):
+def test_proxy_writes_land_and_count(pair, producer, mode):
     a, b = pair
     size = 1 << 16
     src = rand_bytes(size, 1)
@@ -46,7 +54,9 @@ def test_proxy_writes_land_and_count(pair, producer):
     src_mr, _ = a.register_tensor(src)
     _, dst_desc = b.register_tensor(dst)
     # Ring of 8 slots, 300 items: the producer laps the ring many times (slot reuse).
-    with HostProxy(a, src_mr, [None, dst_desc], num_slots=8, idle_sleep_us=0) as proxy:
+    with HostProxy(
+        a, src_mr, [None, dst_desc], num_slots=8, idle_sleep_us=0, **MODES[mode]
+    ) as proxy:
         rng = np.random.default_rng(3)
         expect = torch.full((size,), POISON, dtype=torch.uint8)
         n_items = 300
@@ -127,6 +137,65 @@ def test_proxy_on_caller_ring_and_roundtrip():
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("drive", [False, True])
+def test_tagged_ring_waits_for_every_word(drive):
+    """A tagged item is taken only once seq AND words 1..5 carry the ticket's tag, whatever
+    order they landed in (a GPU stores them with no fence); a stale word holds it back."""
+    a, b = make("shm"), make("shm")
+    try:
+        src = rand_bytes(256, 6)
+        src_mr, _ = a.register_tensor(src)
+        dst = torch.full((256,), POISON, dtype=torch.uint8)
+        _, d = b.register_tensor(dst)
+        ring = torch.zeros(4 * 8, dtype=torch.int64)
+        with HostProxy(
+            a, src_mr, [d], num_slots=4, ring=ring, tagged=True, drive_progress=drive
+        ) as p:
+            rows = ring.view(4, 8)
+            for t in range(6):  # laps the 4-slot ring: stale words of the last lap are there
+                tag = ticket_tag(t, 4)
+                words = [OP_WRITE, 16 * t, 32 * t, 16, 7 | (1 << 32)]
+                tagged = (np.array(words, dtype=np.uint64) | np.uint64(tag)).view(np.int64)
+                row = rows[t % 4].numpy()
+                row[0] = t + 1  # seq first
+                row[1:5] = tagged[:4]  # word 5 is still last lap's (or zero)
+                t0 = time.monotonic()
+                while time.monotonic() - t0 < 0.05:
+                    assert p.consumed == t, (t, p.consumed)
+                row[5] = tagged[4]
+                p.submitted += 1
+                p.wait(t + 1, timeout=T)
+                b.imm_counter(7).wait(t + 1, timeout=T)
+                assert torch.equal(dst[32 * t : 32 * t + 16], src[16 * t : 16 * t + 16])
+            # Python's put on a tagged ring tags the words (and the C submit does too).
+            p._put_ticket = 6
+            p.put(0, src_offset=0, dst_offset=240, nbytes=16, imm=7)
+            p.wait(7, timeout=T)
+            b.imm_counter(7).wait(7, timeout=T)  # sender completion is not arrival
+            assert torch.equal(dst[240:], src[:16])
+            with pytest.raises(InvalidArgument, match="2\\^24"):
+                p.put(1 << 24, nbytes=8)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_bench_echo_answers_every_ping():
+    ping = torch.zeros(8, dtype=torch.int64)
+    pong = torch.zeros(8, dtype=torch.int64)
+    th = threading.Thread(target=bench_echo, args=(ping, pong, 5, 50, 20.0))
+    th.start()
+    for v in range(5, 55):
+        ping[0] = v
+        t0 = time.monotonic()
+        while int(pong[0]) != v:
+            assert time.monotonic() - t0 < T
+    th.join(T)
+    assert not th.is_alive() and int(pong[0]) == 54
+    with pytest.raises(Exception, match="echo"):
+        bench_echo(ping, pong, 100, 1, timeout=0.01)
 
 
 def test_dropped_proxy_stops_before_engine_closes():
