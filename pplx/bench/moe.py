@@ -144,7 +144,9 @@ def _remote_bytes(indices: torch.Tensor, rank: int, e_local: int, row_bytes: int
 # ------------------------------------------------------------------------------- impls
 
 
-def _bench_triton(shape, rank, world_size, device, group, iters, warmup, timer, sync=None):
+def _bench_triton(
+    shape, rank, world_size, device, group, iters, warmup, timer, sync=None, label="triton"
+):
     from pplx.moe import layout as L
     from pplx.moe.kernels import TritonAllToAll
 
@@ -228,9 +230,34 @@ def _bench_triton(shape, rank, world_size, device, group, iters, warmup, timer, 
                 samples[name].append(timer.elapsed_us(m[j], m[j + 1]))
             samples["disp"].append(timer.elapsed_us(n[0], n[1]))
             samples["comb"].append(timer.elapsed_us(n[1], n[2]))
+    if getattr(at, "prof_on", False):
+        # One more whole-phase pass with the kernels' clock stamps (PPLX_MOE_PROF=1).
+        timer.start_iteration()
+        run["disp"]()
+        run["comb"]()
+        timer.finish()
+        _print_profile(at.profile(), rank, label)
     at.check()
     at.destroy()
     return samples
+
+
+def _print_profile(stamps: dict[str, torch.Tensor], rank: int, label: str) -> None:
+    """Per half: when each stamp of its programs fell, in us after the phase's first
+    program started (this GPU's clock), median / max over programs."""
+    for phase in ("dispatch", "combine"):
+        halves = {k: v for k, v in stamps.items() if k.startswith(phase)}
+        t0 = min(int(v[:, 0][v[:, 0] > 0].min()) for v in halves.values() if bool((v > 0).any()))
+        for name, v in halves.items():
+            parts = []
+            for i in range(v.shape[1]):
+                col = v[:, i]
+                col = col[col > 0]
+                if col.numel() == 0:
+                    continue
+                rel = (col - t0).double() / 1e3
+                parts.append(f"s{i} {rel.median().item():6.1f}/{rel.max().item():6.1f}")
+            print(f"# prof {label} rank{rank} {name:14s} n={v.shape[0]:4d} " + "  ".join(parts))
 
 
 def _bench_baseline(shape, rank, world_size, device, group, iters, warmup, timer):
@@ -390,6 +417,31 @@ def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> list[Row
             "torch": _bench_torch_backend,
         }
         for impl in impls:
+            if impl == "triton" and args.variant:
+                # One row set per variant (PPLX_MOE_* settings at construction), same run.
+                for name, env in args.variant:
+                    saved = {k: os.environ.get(k) for k in env}
+                    os.environ.update(env)
+                    try:
+                        s = _bench_triton(
+                            shape,
+                            rank,
+                            world_size,
+                            device,
+                            group,
+                            args.iters,
+                            args.warmup,
+                            timer,
+                            label=f"triton-{name}",
+                        )
+                    finally:
+                        for k, v in saved.items():
+                            if v is None:
+                                os.environ.pop(k, None)
+                            else:
+                                os.environ[k] = v
+                    results[f"triton-{name}"] = _slowest(s, group)
+                continue
             if impl == "triton" and args.sync:
                 # One row set per signalling protocol, timed in the same run.
                 for sync in args.sync:
@@ -508,7 +560,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="comma list of Triton signalling protocols to time side by side (v1,v2); "
         "rows are named triton-<sync>; default: one 'triton' row set, default protocol",
     )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VAL[ KEY=VAL...]",
+        help="a Triton variant timed in the same run, its PPLX_MOE_* environment at "
+        "construction (e.g. 'fused:PPLX_MOE_FUSED=1 PPLX_MOE_TILES=4,2,2,1'; an empty list "
+        "is the default); repeat for several; rows are named triton-<NAME>. "
+        "PPLX_MOE_PROF=1 also prints the kernels' clock stamps",
+    )
     args = p.parse_args(argv)
+    variants = []
+    for spec in args.variant:
+        name, _, env = spec.partition(":")
+        pairs = [kv.split("=", 1) for kv in env.split()]
+        if not name or any(len(kv) != 2 or not kv[0].startswith("PPLX_MOE_") for kv in pairs):
+            p.error(f"--variant {spec!r}: want NAME:PPLX_MOE_KEY=VAL[ ...]")
+        variants.append((name, dict(pairs)))
+    args.variant = variants
     args.cases = [c for c in args.cases.split(",") if c]
     args.impls = [c for c in args.impls.split(",") if c]
     args.sync = [c for c in args.sync.split(",") if c]

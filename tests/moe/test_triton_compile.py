@@ -4,8 +4,9 @@ in GPU-only code paths (pointer casts, atomics with scopes, cache modifiers) sho
 The kernels are launched through `TritonAllToAll._launch`, here replaced by a recorder that
 keeps the arguments of each launch; each recorded launch is then compiled with
 `triton.compile` for `GPUTarget("cuda", 90, 32)` (Triton's bundled ptxas makes the cubin).
-The inline-PTX polls (`ld.acquire.sys`, CUDA only) are switched on as on a GPU, and
-both signalling protocols ("v1", "v2") are compiled.
+The inline-PTX polls (`ld.acquire.sys`, CUDA only) and clock stamps are switched on as on
+a GPU; both signalling protocols ("v1", "v2") and both launch modes (fused or not) are
+compiled.
 Runs in a subprocess without TRITON_INTERPRET, since decorated kernels are interpreted
 functions when that variable was set at import.
 """
@@ -35,7 +36,7 @@ _SCRIPT = textwrap.dedent(
     TY = {torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.uint8: "u8",
           torch.float32: "fp32", torch.bfloat16: "bf16"}
 
-    def record(in_dtype, world_size, tokens, hidden, experts, topk, sync):
+    def record(in_dtype, world_size, tokens, hidden, experts, topk, sync, fused, prof):
         at = TritonAllToAll.__new__(TritonAllToAll)
         at.device, at.rank, at.group = torch.device("cpu"), 1, None
         scales = L.hidden_dim_scale(hidden) if in_dtype.itemsize == 1 else 0
@@ -43,7 +44,8 @@ _SCRIPT = textwrap.dedent(
                       expert_padding=16, hidden_dim=hidden, hidden_dim_scale=scales,
                       in_dtype=in_dtype, out_dtype=torch.bfloat16,
                       num_experts_per_token=topk, timeout_s=1.0, block_tokens=None,
-                      sync=sync)
+                      sync=sync, fused=fused)
+        at.prof_on = prof  # the clock stamps are CUDA-only (inline PTX)
         at.num_warps = 8
         at.asm = True  # as on CUDA: the inline-PTX acquire polls
         at._alloc_private(torch.device("cpu"))
@@ -84,10 +86,12 @@ _SCRIPT = textwrap.dedent(
 
     done = []
     # Decode shapes of the benchmark (fp8 with scales; fused prefix, no count kernel) with
-    # both signalling protocols and a bf16 prefill-like T=1024, hidden 2880 (count kernel).
-    for cfg in [(torch.float8_e4m3fn, 4, 128, 7168, 256, 8, "v2"),
-                (torch.float8_e4m3fn, 4, 128, 7168, 256, 8, "v1"),
-                (torch.bfloat16, 2, 1024, 2880, 64, 4, "v2")]:
+    # both signalling protocols, one launch per phase (fused) or per half, with and without
+    # clock stamps, and a bf16 prefill-like T=1024, hidden 2880 (count kernel).
+    for cfg in [(torch.float8_e4m3fn, 4, 128, 7168, 256, 8, "v2", True, False),
+                (torch.float8_e4m3fn, 4, 128, 7168, 256, 8, "v2", False, True),
+                (torch.float8_e4m3fn, 4, 128, 7168, 256, 8, "v1", False, False),
+                (torch.bfloat16, 2, 1024, 2880, 64, 4, "v2", True, True)]:
         for kernel, args, kwargs in record(*cfg):
             done.append(compile_one(kernel, args, kwargs))
     print(" ".join(done))
@@ -112,11 +116,9 @@ def test_kernels_compile_for_sm90() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     names = proc.stdout.split()
-    want = {
-        "_dispatch_count_kernel",
-        "_dispatch_send_kernel",
-        "_dispatch_recv_kernel",
-        "_combine_send_kernel",
-        "_combine_recv_kernel",
-    }
-    assert set(names) == want and len(names) == 3 * len(want) - 2, names
+    # Per config: dispatch and combine as one launch each (fused) or two; the count kernel
+    # only for the prefill-like config.
+    want = ["_dispatch_kernel", "_combine_kernel"] * 1
+    want += ["_dispatch_kernel", "_dispatch_kernel", "_combine_kernel", "_combine_kernel"] * 2
+    want += ["_dispatch_count_kernel", "_dispatch_kernel", "_combine_kernel"]
+    assert names == want, names

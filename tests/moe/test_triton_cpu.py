@@ -38,6 +38,7 @@ def _cases(world_size: int):
                     num_experts_per_token=3,
                     block_tokens=2,
                     fused_prefix=False,
+                    fused=False,  # a send launch and a receive launch per phase
                 ),
                 [
                     Case("bf16 basic, 2 iterations reuse the buffers", 6, 64, 8, 3, iters=2),
@@ -74,6 +75,7 @@ def _cases(world_size: int):
                     in_dtype=FP8,
                     num_experts_per_token=3,
                     block_tokens=2,  # fused prefix (default for small T) over 3 chunks
+                    fused=True,  # one launch per phase: send programs, then receive ones
                 ),
                 [
                     Case("fp8 + scales, padding 16", 5, 256, 8, 3, FP8, 16, iters=2),
@@ -103,6 +105,7 @@ def _cases(world_size: int):
                 hidden_dim=48,
                 in_dtype=torch.bfloat16,
                 num_experts_per_token=2,
+                fused=True,
             ),
             [
                 Case("3 ranks (not a power of two)", 5, 48, 6, 2, iters=2),
@@ -118,6 +121,7 @@ def _cases(world_size: int):
                 hidden_dim=128,
                 in_dtype=FP8,
                 num_experts_per_token=4,
+                fused=False,
             ),
             [Case("3 ranks fp8, padding 16, split", 4, 128, 6, 4, FP8, 16, split=True)],
         ),

@@ -35,6 +35,7 @@ from pplx.moe.kernels.sync_kernels import (
     peer_ptr,
     signal_add,
     signal_set,
+    stamp,
     wait_all_ge,
     wait_ge,
     wait_one_ge,
@@ -42,14 +43,17 @@ from pplx.moe.kernels.sync_kernels import (
 
 
 @triton.jit
-def _combine_send_kernel(
+def _combine_send(
+    s,  # source rank (where the tokens came from)
+    cc,  # block of CB tokens received from s
+    prof_ptr,  # [8] int64 time stamps of this program (PROF only)
     expert_y_ptr,  # [rows, H] out dtype
     stride_yr,
     comb_row_ptr,  # [R, T_MAX, K] int32: row of expert_y per received slot, -1 if none
     comb_w_ptr,  # [R, T_MAX, K] float32
     comb_ntok_ptr,  # [R] int32
     table_ptr,
-    state_ptr,  # [1] combine epoch, [4] error flag
+    state_ptr,  # [16] int32: [7] combine send epoch, [8] its done counter, [4] error flag
     rank,
     off_comb_ack,
     off_comb_flag,
@@ -58,6 +62,7 @@ def _combine_send_kernel(
     H,
     COMB_STRIDE,  # row stride of the combine area, elements
     K: tl.constexpr,
+    R: tl.constexpr,
     CB: tl.constexpr,
     BLOCK_H: tl.constexpr,
     OUT_DTYPE: tl.constexpr,
@@ -65,15 +70,18 @@ def _combine_send_kernel(
     CC: tl.constexpr,
     SYNC2: tl.constexpr,
     ASM: tl.constexpr,
+    PROF: tl.constexpr,
 ):
-    s = tl.program_id(0)
-    cc = tl.program_id(1)
-    epoch = tl.load(state_ptr + 1)
+    """Send program (s, cc): the partials of tokens cc * CB + [0, CB) received from s."""
+    stamp(prof_ptr, 0, PROF)
+    # The send side's own epoch (state[7]; see _dispatch_send).
+    epoch = tl.load(state_ptr + 7)
     ack = peer_ptr(table_ptr, rank, off_comb_ack, tl.int32) + s
     if SYNC2:
         wait_one_ge(ack, epoch, state_ptr + 4, MAX_SPIN, ASM)
     else:
         wait_ge(ack, epoch, state_ptr + 4, MAX_SPIN)
+    stamp(prof_ptr, 1, PROF)
     ntok = tl.load(comb_ntok_ptr + s)
     j = cc * CB + tl.arange(0, CB)  # [CB]
     j_ok = j < ntok
@@ -96,22 +104,28 @@ def _combine_send_kernel(
             )
             acc += w_k[:, None] * y.to(tl.float32)
         tl.store(dst + ho[None, :], acc.to(OUT_DTYPE), mask=j_ok[:, None] & h_ok[None, :])
+    stamp(prof_ptr, 2, PROF)
     if SYNC2:
         # v2: slot (rank, cc) of s's [R, CC] flags, value epoch + 1.
         signal_set(peer_ptr(table_ptr, s, off_comb_flag, tl.int32) + rank * CC + cc, epoch + 1)
     else:
         signal_add(peer_ptr(table_ptr, s, off_comb_flag, tl.int32) + rank)
+    stamp(prof_ptr, 3, PROF)
+    if last_program_done(state_ptr + 8, R * CC):
+        tl.store(state_ptr + 7, epoch + 1)
 
 
 @triton.jit
-def _combine_recv_kernel(
+def _combine_recv(
+    b,  # block of TB tokens of this rank
+    prof_ptr,  # [8] int64 time stamps of this program (PROF only)
     out_ptr,  # [T, H] out dtype
     stride_ot,
     send_pos_ptr,  # [T_MAX, R] int32: slot of token t in rank d's area, -1 if none
     bound_m_ptr,
     num_tokens,
     table_ptr,
-    state_ptr,  # [1] combine epoch, [3] done counter, [4] error flag
+    state_ptr,  # [16] int32: [1] combine (receive) epoch, [3] done counter, [4] error flag
     rank,
     off_comb_ack,
     off_comb_flag,
@@ -131,8 +145,10 @@ def _combine_recv_kernel(
     CB: tl.constexpr,
     SYNC2: tl.constexpr,
     ASM: tl.constexpr,
+    PROF: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    """Receive program b: tokens b * TB + [0, TB) of this rank."""
+    stamp(prof_ptr, 0, PROF)
     epoch = tl.load(state_ptr + 1)
     flags = peer_ptr(table_ptr, rank, off_comb_flag, tl.int32)
     if not SYNC2:
@@ -153,6 +169,7 @@ def _combine_recv_kernel(
         need = pos >= 0
         fofs = rr[None, :] * CC + tl.where(need, pos, 0) // CB
         wait_all_ge(flags, fofs, need, epoch + 1, state_ptr + 4, MAX_SPIN, ASM)
+    stamp(prof_ptr, 1, PROF)
     area = peer_ptr(table_ptr, rank, off_comb_rows, OUT_DTYPE)
     for h0 in range(0, H, BLOCK_H):
         ho = h0 + tl.arange(0, BLOCK_H)
@@ -172,6 +189,7 @@ def _combine_recv_kernel(
         if ACCUMULATE:
             acc = tl.load(o_ptr, mask=ok, other=0.0).to(tl.float32) + acc
         tl.store(o_ptr, acc.to(OUT_DTYPE), mask=ok)
+    stamp(prof_ptr, 2, PROF)
     if last_program_done(state_ptr + 3, NB):
         if SYNC2:
             ack_peers(table_ptr, off_comb_ack, rank, epoch + 1, R, R_PAD)
@@ -180,3 +198,120 @@ def _combine_recv_kernel(
                 ack = peer_ptr(table_ptr, peer, off_comb_ack, tl.int32) + rank
                 tl.atomic_xchg(ack, epoch + 1, sem="release", scope="sys")
         tl.store(state_ptr + 1, epoch + 1)
+    stamp(prof_ptr, 3, PROF)
+
+
+@triton.jit
+def _combine_kernel(
+    # send side
+    expert_y_ptr,
+    stride_yr,
+    comb_row_ptr,
+    comb_w_ptr,
+    comb_ntok_ptr,
+    # receive side
+    out_ptr,
+    stride_ot,
+    send_pos_ptr,
+    bound_m_ptr,
+    num_tokens,
+    # both
+    prof_ptr,  # [R * CC + NB, 8] int64 time stamps per program (PROF only)
+    table_ptr,
+    state_ptr,
+    rank,
+    off_comb_ack,
+    off_comb_flag,
+    off_comb_rows,
+    T_MAX,
+    H,
+    COMB_STRIDE,
+    K: tl.constexpr,
+    R: tl.constexpr,
+    R_PAD: tl.constexpr,
+    CB: tl.constexpr,
+    CC: tl.constexpr,
+    TB: tl.constexpr,
+    NB: tl.constexpr,
+    BLOCK_H_SEND: tl.constexpr,
+    BLOCK_H_RECV: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
+    MAX_SPIN: tl.constexpr,
+    SYNC2: tl.constexpr,
+    ASM: tl.constexpr,
+    PROF: tl.constexpr,
+    DO_SEND: tl.constexpr,
+    DO_RECV: tl.constexpr,
+):
+    """Grid (R * CC if DO_SEND) + (NB if DO_RECV): the send programs (s, cc) first, then
+    the receive programs; with both, one launch does the whole combine (same forward-
+    progress argument as `_dispatch_kernel`: receive programs only wait for programs of
+    lower index, here and on the peers)."""
+    pid = tl.program_id(0)
+    n_send = R * CC if DO_SEND else 0  # constexpr: a half not asked for is not compiled
+    if DO_SEND:
+        if pid < n_send:
+            _combine_send(
+                pid % R,
+                pid // R,
+                prof_ptr + pid * 8,
+                expert_y_ptr,
+                stride_yr,
+                comb_row_ptr,
+                comb_w_ptr,
+                comb_ntok_ptr,
+                table_ptr,
+                state_ptr,
+                rank,
+                off_comb_ack,
+                off_comb_flag,
+                off_comb_rows,
+                T_MAX,
+                H,
+                COMB_STRIDE,
+                K,
+                R,
+                CB,
+                BLOCK_H_SEND,
+                OUT_DTYPE,
+                MAX_SPIN,
+                CC,
+                SYNC2,
+                ASM,
+                PROF,
+            )
+    if DO_RECV:
+        q = pid - n_send
+        if q >= 0:
+            _combine_recv(
+                q,
+                prof_ptr + pid * 8,
+                out_ptr,
+                stride_ot,
+                send_pos_ptr,
+                bound_m_ptr,
+                num_tokens,
+                table_ptr,
+                state_ptr,
+                rank,
+                off_comb_ack,
+                off_comb_flag,
+                off_comb_rows,
+                T_MAX,
+                H,
+                COMB_STRIDE,
+                R,
+                R_PAD,
+                CC,
+                TB,
+                NB,
+                BLOCK_H_RECV,
+                ACCUMULATE,
+                OUT_DTYPE,
+                MAX_SPIN,
+                CB,
+                SYNC2,
+                ASM,
+                PROF,
+            )

@@ -35,6 +35,7 @@ from pplx.moe.kernels.sync_kernels import (
     peer_ptr,
     signal_add,
     signal_set,
+    stamp,
     wait_all_ge,
     wait_ge,
     wait_one_ge,
@@ -79,7 +80,10 @@ def _dispatch_count_kernel(
 
 
 @triton.jit
-def _dispatch_send_kernel(
+def _dispatch_send(
+    c,  # token chunk
+    d,  # destination rank
+    prof_ptr,  # [8] int64 time stamps of this program (PROF only)
     x_ptr,  # [T, W] words
     stride_xt,
     xs_ptr,  # [T, S] int32 view of f32 scales (unused without HAS_SCALE)
@@ -94,7 +98,7 @@ def _dispatch_send_kernel(
     chunk_hits_ptr,  # [NC, R] int32
     send_pos_ptr,  # [T_MAX, R] int32 (out): slot of token t in rank d's area, -1 if none
     table_ptr,  # [R] int64 peer buffer addresses
-    state_ptr,  # [8] int32: [0] dispatch epoch, [4] error flag
+    state_ptr,  # [16] int32: [5] dispatch send epoch, [6] its done counter, [4] error flag
     rank,
     off_disp_flag,
     off_disp_ack,
@@ -125,17 +129,21 @@ def _dispatch_send_kernel(
     PB: tl.constexpr,
     SYNC2: tl.constexpr,
     ASM: tl.constexpr,
+    PROF: tl.constexpr,
 ):
-    c = tl.program_id(0)
-    d = tl.program_id(1)
+    """Send program (c, d): token chunk c to destination rank d."""
+    stamp(prof_ptr, 0, PROF)
     m = _live_tokens(bound_m_ptr, num_tokens)
-    epoch = tl.load(state_ptr)
+    # The send side's own epoch (state[5]): in the fused kernel a send program may read
+    # it while this rank's receive programs are bumping theirs (state[0]).
+    epoch = tl.load(state_ptr + 5)
     # Buffer reuse: d must have consumed our previous dispatch before we overwrite it.
     ack = peer_ptr(table_ptr, rank, off_disp_ack, tl.int32) + d
     if SYNC2:
         wait_one_ge(ack, epoch, state_ptr + 4, MAX_SPIN, ASM)
     else:
         wait_ge(ack, epoch, state_ptr + 4, MAX_SPIN)
+    stamp(prof_ptr, 1, PROF)
 
     cols = tl.arange(0, E_LOCAL_PAD)
     # Prefix over earlier chunks: slots per expert of d and tokens reaching d before chunk c.
@@ -172,6 +180,7 @@ def _dispatch_send_kernel(
             base_q += tl.sum(blk, axis=0)
             base_p += tl.sum(tl.load(chunk_hits_ptr + cc * R + d, mask=c_ok, other=0), axis=0)
 
+    stamp(prof_ptr, 2, PROF)
     t = c * BT + tl.arange(0, BT)  # [BT]
     t_ok = t < m
     # Pass 1: per-token one-hot of local experts (summed over k) and whether t reaches d.
@@ -205,6 +214,7 @@ def _dispatch_send_kernel(
         tl.store(tok_q + rec + k, q, mask=h_ok)
         tl.store(tok_w + rec + k, w, mask=h_ok)
 
+    stamp(prof_ptr, 3, PROF)
     # Rows: one copy of token t per destination rank, 8-byte words, straight into d's buffer.
     dst = peer_ptr(table_ptr, d, off_rows, WORD) + (rank * T_MAX + p)[:, None] * ROW_WORDS
     src = x_ptr + t[:, None] * stride_xt
@@ -219,6 +229,7 @@ def _dispatch_send_kernel(
         dsc = peer_ptr(table_ptr, d, off_scales, tl.int32) + (rank * T_MAX + p)[:, None] * S
         tl.store(dsc + so[None, :], sc, mask=ok)
 
+    stamp(prof_ptr, 4, PROF)
     if c == NC - 1:
         # The last chunk's prefix plus its own counts are the totals from this rank.
         cnt_dst = peer_ptr(table_ptr, d, off_counts, tl.int32) + rank * E_LOCAL
@@ -229,10 +240,17 @@ def _dispatch_send_kernel(
         signal_set(peer_ptr(table_ptr, d, off_disp_flag, tl.int32) + rank * NC + c, epoch + 1)
     else:
         signal_add(peer_ptr(table_ptr, d, off_disp_flag, tl.int32) + rank)
+    stamp(prof_ptr, 5, PROF)
+    # The last send program to finish has read the epoch everywhere: next send epoch.
+    if last_program_done(state_ptr + 6, NC * R):
+        tl.store(state_ptr + 5, epoch + 1)
 
 
 @triton.jit
-def _dispatch_recv_kernel(
+def _dispatch_recv(
+    s,  # source rank
+    rc,  # block of RB received tokens of s
+    prof_ptr,  # [8] int64 time stamps of this program (PROF only)
     expert_num_tokens_ptr,  # [E_L] int32 (out)
     expert_x_ptr,  # [rows, W] words (out)
     stride_xr,
@@ -242,7 +260,7 @@ def _dispatch_recv_kernel(
     comb_w_ptr,  # [R, T_MAX, K] float32 (out): its weight
     comb_ntok_ptr,  # [R] int32 (out): tokens received per source
     table_ptr,
-    state_ptr,  # [0] dispatch epoch, [2] done counter, [4] error flag
+    state_ptr,  # [16] int32: [0] dispatch (receive) epoch, [2] done counter, [4] error
     rank,
     off_disp_flag,
     off_disp_ack,
@@ -275,9 +293,10 @@ def _dispatch_recv_kernel(
     MAX_SPIN: tl.constexpr,
     SYNC2: tl.constexpr,
     ASM: tl.constexpr,
+    PROF: tl.constexpr,
 ):
-    s = tl.program_id(0)
-    rc = tl.program_id(1)
+    """Receive program (s, rc): tokens rc * RB + [0, RB) that source s sent here."""
+    stamp(prof_ptr, 0, PROF)
     epoch = tl.load(state_ptr)
     flags = peer_ptr(table_ptr, rank, off_disp_flag, tl.int32)
     if SYNC2:
@@ -290,6 +309,7 @@ def _dispatch_recv_kernel(
     else:
         for r in range(R):
             wait_ge(flags + r, (epoch + 1) * NC, state_ptr + 4, MAX_SPIN)
+    stamp(prof_ptr, 1, PROF)
 
     # Block starts: off[e] = padded prefix over experts, base[e] = prefix over sources < s.
     rr = tl.arange(0, R_PAD)
@@ -344,6 +364,7 @@ def _dispatch_recv_kernel(
     tl.debug_barrier()
     slot = comb_row_ptr + (s * T_MAX + j) * K  # [RB]
 
+    stamp(prof_ptr, 2, PROF)
     # Fan out: read each received row once, store it to its K' rows of expert_x.
     src = peer_ptr(table_ptr, rank, off_rows, WORD) + (s * T_MAX + j)[:, None] * ROW_WORDS
     for w0 in range(0, W, BLOCK_W):
@@ -364,6 +385,7 @@ def _dispatch_recv_kernel(
             sdst = expert_xs_ptr + row_k[:, None] * stride_sr + so[None, :]
             tl.store(sdst, sv, mask=(row_k >= 0)[:, None] & s_ok)
 
+    stamp(prof_ptr, 3, PROF)
     # The last program to finish has seen every program's reads: ack all sources, next epoch.
     if last_program_done(state_ptr + 2, R * RC):
         if SYNC2:
@@ -373,3 +395,193 @@ def _dispatch_recv_kernel(
                 ack = peer_ptr(table_ptr, peer, off_disp_ack, tl.int32) + rank
                 tl.atomic_xchg(ack, epoch + 1, sem="release", scope="sys")
         tl.store(state_ptr, epoch + 1)
+    stamp(prof_ptr, 4, PROF)
+
+
+@triton.jit
+def _dispatch_kernel(
+    # send side
+    x_ptr,
+    stride_xt,
+    xs_ptr,
+    stride_st,
+    indices_ptr,
+    stride_it,
+    weights_ptr,
+    stride_wt,
+    bound_m_ptr,
+    num_tokens,
+    chunk_counts_ptr,
+    chunk_hits_ptr,
+    send_pos_ptr,
+    # receive side
+    expert_num_tokens_ptr,
+    expert_x_ptr,
+    stride_xr,
+    expert_xs_ptr,
+    stride_sr,
+    comb_row_ptr,
+    comb_w_ptr,
+    comb_ntok_ptr,
+    expert_padding,
+    # both
+    prof_ptr,  # [NC * R + R * RC, 8] int64 time stamps per program (PROF only)
+    table_ptr,
+    state_ptr,
+    rank,
+    off_disp_flag,
+    off_disp_ack,
+    off_counts,
+    off_ntok,
+    off_tok_e,
+    off_tok_q,
+    off_tok_w,
+    off_rows,
+    off_scales,
+    T_MAX,
+    W,
+    ROW_WORDS,
+    S,
+    HAS_SCALE: tl.constexpr,
+    K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    E_LOCAL: tl.constexpr,
+    E_LOCAL_PAD: tl.constexpr,
+    R: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BT: tl.constexpr,
+    NC: tl.constexpr,
+    NC_PAD: tl.constexpr,
+    CB: tl.constexpr,
+    RB: tl.constexpr,
+    RC: tl.constexpr,
+    BLOCK_W_SEND: tl.constexpr,
+    BLOCK_W_RECV: tl.constexpr,
+    S_PAD: tl.constexpr,
+    WORD: tl.constexpr,
+    MAX_SPIN: tl.constexpr,
+    FUSED_PREFIX: tl.constexpr,
+    PB: tl.constexpr,
+    SYNC2: tl.constexpr,
+    ASM: tl.constexpr,
+    PROF: tl.constexpr,
+    DO_SEND: tl.constexpr,
+    DO_RECV: tl.constexpr,
+):
+    """Grid (NC * R if DO_SEND) + (R * RC if DO_RECV): the send programs (c, d) first,
+    then the receive programs (s, rc); with both, one launch does the whole dispatch.
+
+    Warning: with DO_SEND and DO_RECV a receive program spins until send programs of this
+    launch (its own rank's chunks to itself) have signalled. That relies on the blocks of
+    a launch starting in increasing linear index whenever one can start (true of CUDA's
+    block scheduler in practice, and what decoupled look-back scans rely on too): every
+    send program then starts no later than any receive program, so a spinning receive
+    program never holds the slot a send program needs. The interpreter runs programs in
+    index order (sends first) in each rank's process.
+    """
+    pid = tl.program_id(0)
+    n_send = NC * R if DO_SEND else 0  # constexpr: a half not asked for is not compiled
+    if DO_SEND:
+        if pid < n_send:
+            _dispatch_send(
+                pid % NC,
+                pid // NC,
+                prof_ptr + pid * 8,
+                x_ptr,
+                stride_xt,
+                xs_ptr,
+                stride_st,
+                indices_ptr,
+                stride_it,
+                weights_ptr,
+                stride_wt,
+                bound_m_ptr,
+                num_tokens,
+                chunk_counts_ptr,
+                chunk_hits_ptr,
+                send_pos_ptr,
+                table_ptr,
+                state_ptr,
+                rank,
+                off_disp_flag,
+                off_disp_ack,
+                off_counts,
+                off_ntok,
+                off_tok_e,
+                off_tok_q,
+                off_tok_w,
+                off_rows,
+                off_scales,
+                T_MAX,
+                W,
+                ROW_WORDS,
+                S,
+                HAS_SCALE,
+                K,
+                E_LOCAL,
+                E_LOCAL_PAD,
+                R,
+                BT,
+                NC,
+                CB,
+                BLOCK_W_SEND,
+                S_PAD,
+                WORD,
+                MAX_SPIN,
+                FUSED_PREFIX,
+                PB,
+                SYNC2,
+                ASM,
+                PROF,
+            )
+    if DO_RECV:
+        q = pid - n_send
+        if q >= 0:
+            _dispatch_recv(
+                q % R,
+                q // R,
+                prof_ptr + pid * 8,
+                expert_num_tokens_ptr,
+                expert_x_ptr,
+                stride_xr,
+                expert_xs_ptr,
+                stride_sr,
+                comb_row_ptr,
+                comb_w_ptr,
+                comb_ntok_ptr,
+                table_ptr,
+                state_ptr,
+                rank,
+                off_disp_flag,
+                off_disp_ack,
+                off_counts,
+                off_ntok,
+                off_tok_e,
+                off_tok_q,
+                off_tok_w,
+                off_rows,
+                off_scales,
+                T_MAX,
+                W,
+                ROW_WORDS,
+                S,
+                expert_padding,
+                HAS_SCALE,
+                K,
+                K_PAD,
+                E_LOCAL,
+                E_LOCAL_PAD,
+                R,
+                R_PAD,
+                NC,
+                NC_PAD,
+                RB,
+                RC,
+                BLOCK_W_RECV,
+                S_PAD,
+                WORD,
+                MAX_SPIN,
+                SYNC2,
+                ASM,
+                PROF,
+            )

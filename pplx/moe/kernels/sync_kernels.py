@@ -138,6 +138,17 @@ def last_program_done(counter_ptr, num_programs):
 
 
 @triton.jit
+def stamp(prof_ptr, i, PROF: tl.constexpr):
+    """Profiling only (PROF, CUDA): store the GPU's nanosecond clock (`%globaltimer`, one
+    clock per GPU, not synchronised across GPUs) into `prof_ptr[i]`."""
+    if PROF:
+        now = tl.inline_asm_elementwise(
+            "mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1
+        )
+        tl.store(prof_ptr + i, now)
+
+
+@triton.jit
 def spin_probe_kernel(flag_ptr, err_ptr, MAX_SPIN: tl.constexpr):
     """Polls a flag that never rises MAX_SPIN times: times one poll (interpreter calibration)."""
     wait_ge(flag_ptr, 1, err_ptr, MAX_SPIN)

@@ -46,12 +46,8 @@ import triton
 import triton.language as tl
 
 from pplx.moe.kernels.buffers import BufferLayout, PeerBuffers
-from pplx.moe.kernels.combine_kernels import _combine_recv_kernel, _combine_send_kernel
-from pplx.moe.kernels.dispatch_kernels import (
-    _dispatch_count_kernel,
-    _dispatch_recv_kernel,
-    _dispatch_send_kernel,
-)
+from pplx.moe.kernels.combine_kernels import _combine_kernel
+from pplx.moe.kernels.dispatch_kernels import _dispatch_count_kernel, _dispatch_kernel
 from pplx.moe.kernels.sync_kernels import spin_probe_kernel
 
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
@@ -117,6 +113,10 @@ class TritonAllToAll:
             acquire polls of only the slots a program needs, one vector ack) or "v1" (one
             counter per source, RMW polls); `PPLX_MOE_SYNC` overrides the default
             (`sync_kernels.py` describes both).
+        fused: one launch per phase (send programs, then receive programs in the same
+            grid) instead of a send launch and a receive launch when a call does both
+            halves; `PPLX_MOE_FUSED=1` sets the default (`dispatch_kernels.py`,
+            `_dispatch_kernel`, states what it relies on).
     """
 
     def __init__(
@@ -137,6 +137,7 @@ class TritonAllToAll:
         block_tokens: int | None = None,
         fused_prefix: bool | None = None,
         sync: str | None = None,
+        fused: bool | None = None,
     ) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
@@ -169,6 +170,7 @@ class TritonAllToAll:
             block_tokens=block_tokens,
             fused_prefix=fused_prefix,
             sync=sync,
+            fused=fused,
         )
         self.buffers = PeerBuffers(self.layout.nbytes, group, self.device)
         self._alloc_private(self.device)
@@ -192,9 +194,15 @@ class TritonAllToAll:
         block_tokens: int | None,
         fused_prefix: bool | None = None,
         sync: str | None = None,
+        fused: bool | None = None,
     ) -> None:
         """Sizes, buffer layout and tiles (no allocation; self.device must be set)."""
         self.world_size = world_size
+        if fused is None:
+            fused = os.environ.get("PPLX_MOE_FUSED", "0") == "1"
+        self.fused = bool(fused)
+        # Clock stamps need PTX (`%globaltimer`): CUDA only.
+        self.prof_on = os.environ.get("PPLX_MOE_PROF", "0") == "1" and self.device.type == "cuda"
         sync = sync if sync is not None else os.environ.get("PPLX_MOE_SYNC", "v2")
         if sync not in ("v1", "v2"):
             raise ValueError(f"sync must be 'v1' or 'v2', got {sync!r}")
@@ -310,7 +318,15 @@ class TritonAllToAll:
         R, T, K = self.world_size, self.max_num_tokens, self.topk
         i32 = dict(dtype=torch.int32, device=dev)
         # [0] dispatch epoch, [1] combine epoch, [2]/[3] done counters, [4] error flag.
-        self.state = torch.zeros(8, **i32)
+        # [0] dispatch epoch (receive side), [1] combine epoch (receive side), [2]/[3] their
+        # done counters, [4] error flag, [5]/[6] dispatch send epoch and done counter,
+        # [7]/[8] combine send epoch and done counter.
+        self.state = torch.zeros(16, **i32)
+        # Profiling (PPLX_MOE_PROF=1, CUDA): `[4, programs, 8]` int64 GPU clock stamps per
+        # program of the launches dispatch send (or fused dispatch), dispatch recv,
+        # combine send (or fused combine), combine recv; see `profile()`.
+        n_prog = max(self.nc * R + R * self.rc, R * self.cc + self.nb)
+        self.prof = torch.zeros(4, n_prog if self.prof_on else 1, 8, dtype=torch.int64, device=dev)
         self.chunk_counts = torch.zeros(self.nc, self.num_experts, **i32)
         self.chunk_hits = torch.zeros(self.nc, R, **i32)
         self.send_pos = torch.full((T, R), -1, **i32)
@@ -368,6 +384,33 @@ class TritonAllToAll:
                 f"({self.timeout_s:.0f} s on CPU); a rank missed a call or died"
             )
 
+    def profile(self) -> dict[str, torch.Tensor]:
+        """Clock stamps of the last launches (PPLX_MOE_PROF=1 on CUDA; a host sync).
+
+        Returns `{half: [programs, 8] int64}` (halves "dispatch-send", "dispatch-recv",
+        "combine-send", "combine-recv"; in fused mode both halves come from one launch): ns
+        of this GPU's clock (GPUs' clocks are not synchronised), 0 where no stamp was
+        written; stamp i is `stamp(prof_ptr, i)` in dispatch_kernels.py / combine_kernels.py.
+        """
+        if not self.prof_on:
+            raise RuntimeError("profiling is off: set PPLX_MOE_PROF=1 before construction (CUDA)")
+        p = self.prof.cpu()
+        R = self.world_size
+        ds, dr, cs, cr = self.nc * R, R * self.rc, R * self.cc, self.nb
+        if self.fused:
+            return {
+                "dispatch-send": p[0, :ds],
+                "dispatch-recv": p[0, ds : ds + dr],
+                "combine-send": p[2, :cs],
+                "combine-recv": p[2, cs : cs + cr],
+            }
+        return {
+            "dispatch-send": p[0, :ds],
+            "dispatch-recv": p[1, :dr],
+            "combine-send": p[2, :cs],
+            "combine-recv": p[3, :cr],
+        }
+
     def _after_launch(self) -> None:
         if self.device.type == "cpu":
             self.check()
@@ -403,7 +446,9 @@ class TritonAllToAll:
         R, K = self.world_size, self.topk
         bm = self._bound(bound_m)
         num_tokens = dp_x.shape[0]
-        ptrs = self.buffers.ptrs
+        dummy = self._dummy_scale
+        send_args: tuple = (dummy, 0, dummy, 0, dummy, 0, dummy, 0, bm, 0, dummy, dummy, dummy)
+        recv_args: tuple = (dummy, dummy, 0, dummy, 0, dummy, dummy, dummy, 1)
         if do_send:
             idx = indices if indices.stride(-1) == 1 else indices.contiguous()
             w = weights if weights.stride(-1) == 1 else weights.contiguous()
@@ -429,10 +474,8 @@ class TritonAllToAll:
                 xs = dp_x_scale.contiguous().view(torch.int32)
                 stride_st = xs.stride(0)
             else:
-                xs, stride_st = self._dummy_scale, 0
-            self._launch(
-                _dispatch_send_kernel,
-                (self.nc, R),
+                xs, stride_st = dummy, 0
+            send_args = (
                 x,
                 x.stride(0),
                 xs,
@@ -446,43 +489,15 @@ class TritonAllToAll:
                 self.chunk_counts,
                 self.chunk_hits,
                 self.send_pos,
-                ptrs,
-                self.state,
-                self.rank,
-                **self._offs(),
-                T_MAX=self.max_num_tokens,
-                W=self.words,
-                ROW_WORDS=self.row_words,
-                S=self.hidden_dim_scale,
-                HAS_SCALE=self.has_scale,
-                K=K,
-                E_LOCAL=self.num_local_experts,
-                E_LOCAL_PAD=self.e_local_pad,
-                R=R,
-                BT=self.bt,
-                NC=self.nc,
-                CB=self.cb_prefix,
-                BLOCK_W=self.block_w_send,
-                S_PAD=self.s_pad,
-                WORD=self.word_tl,
-                MAX_SPIN=self.max_spin,
-                FUSED_PREFIX=self.fused_prefix,
-                PB=self.pb,
-                SYNC2=self.sync == "v2",
-                ASM=self.asm,
-                num_warps=self.num_warps,
             )
-            self._after_launch()
         if do_recv:
             ex = self._words(out_expert_x, "out_expert_x", output=True)
             if self.has_scale:
                 exs = out_expert_x_scale.view(torch.int32)
                 stride_sr = exs.stride(0)
             else:
-                exs, stride_sr = self._dummy_scale, 0
-            self._launch(
-                _dispatch_recv_kernel,
-                (R, self.rc),
+                exs, stride_sr = dummy, 0
+            recv_args = (
                 out_expert_num_tokens,
                 ex,
                 ex.stride(0),
@@ -491,7 +506,23 @@ class TritonAllToAll:
                 self.comb_row,
                 self.comb_w,
                 self.comb_ntok,
-                ptrs,
+                self.expert_padding,
+            )
+        n_send, n_recv = self.nc * R, R * self.rc
+        if self.fused and do_send and do_recv:
+            # One launch: send programs, then receive programs (dispatch_kernels.py).
+            halves = [(True, True, n_send + n_recv, 0)]
+        else:
+            halves = [(True, False, n_send, 0)] if do_send else []
+            halves += [(False, True, n_recv, 1)] if do_recv else []
+        for snd, rcv, grid, slot in halves:
+            self._launch(
+                _dispatch_kernel,
+                (grid,),
+                *send_args,
+                *recv_args,
+                self.prof[slot],
+                self.buffers.ptrs,
                 self.state,
                 self.rank,
                 **self._offs(),
@@ -499,7 +530,6 @@ class TritonAllToAll:
                 W=self.words,
                 ROW_WORDS=self.row_words,
                 S=self.hidden_dim_scale,
-                expert_padding=self.expert_padding,
                 HAS_SCALE=self.has_scale,
                 K=K,
                 K_PAD=self.k_pad,
@@ -507,16 +537,24 @@ class TritonAllToAll:
                 E_LOCAL_PAD=self.e_local_pad,
                 R=R,
                 R_PAD=self.r_pad,
+                BT=self.bt,
                 NC=self.nc,
                 NC_PAD=self.nc_pad,
+                CB=self.cb_prefix,
                 RB=self.rb,
                 RC=self.rc,
-                BLOCK_W=self.block_w_recv,
+                BLOCK_W_SEND=self.block_w_send,
+                BLOCK_W_RECV=self.block_w_recv,
                 S_PAD=self.s_pad,
                 WORD=self.word_tl,
                 MAX_SPIN=self.max_spin,
+                FUSED_PREFIX=self.fused_prefix,
+                PB=self.pb,
                 SYNC2=self.sync == "v2",
                 ASM=self.asm,
+                PROF=self.prof_on,
+                DO_SEND=snd,
+                DO_RECV=rcv,
                 num_warps=self.num_warps,
             )
             self._after_launch()
@@ -545,20 +583,37 @@ class TritonAllToAll:
             bound_m: `[1]` torch.int32 live token count (same as dispatch's), or None.
         """
         R = self.world_size
-        ptrs = self.buffers.ptrs
         lay = self.layout
-        out_tl = _TL_DTYPE[self.out_dtype]
+        dummy = self._dummy_scale
+        send_args: tuple = (dummy, 0, dummy, dummy, dummy)
+        recv_args: tuple = (dummy, 0, dummy, self.full_m, 0)
         if do_send:
             y = expert_y if expert_y.stride(-1) == 1 else expert_y.contiguous()
+            send_args = (y, y.stride(0), self.comb_row, self.comb_w, self.comb_ntok)
+        if do_recv:
+            if out_tokens.stride(-1) != 1:
+                raise ValueError("out_tokens must have unit stride along H")
+            recv_args = (
+                out_tokens,
+                out_tokens.stride(0),
+                self.send_pos,
+                self._bound(bound_m),
+                out_tokens.shape[0],
+            )
+        n_send, n_recv = R * self.cc, self.nb
+        if self.fused and do_send and do_recv:
+            halves = [(True, True, n_send + n_recv, 2)]
+        else:
+            halves = [(True, False, n_send, 2)] if do_send else []
+            halves += [(False, True, n_recv, 3)] if do_recv else []
+        for snd, rcv, grid, slot in halves:
             self._launch(
-                _combine_send_kernel,
-                (R, self.cc),
-                y,
-                y.stride(0),
-                self.comb_row,
-                self.comb_w,
-                self.comb_ntok,
-                ptrs,
+                _combine_kernel,
+                (grid,),
+                *send_args,
+                *recv_args,
+                self.prof[slot],
+                self.buffers.ptrs,
                 self.state,
                 self.rank,
                 lay.comb_ack,
@@ -568,48 +623,22 @@ class TritonAllToAll:
                 self.hidden_dim,
                 self.comb_stride,
                 K=self.topk,
-                CB=self.cb,
-                BLOCK_H=self.block_h_send,
-                OUT_DTYPE=out_tl,
-                MAX_SPIN=self.max_spin,
-                CC=self.cc,
-                SYNC2=self.sync == "v2",
-                ASM=self.asm,
-                num_warps=self.num_warps,
-            )
-            self._after_launch()
-        if do_recv:
-            if out_tokens.stride(-1) != 1:
-                raise ValueError("out_tokens must have unit stride along H")
-            self._launch(
-                _combine_recv_kernel,
-                (self.nb,),
-                out_tokens,
-                out_tokens.stride(0),
-                self.send_pos,
-                self._bound(bound_m),
-                out_tokens.shape[0],
-                ptrs,
-                self.state,
-                self.rank,
-                lay.comb_ack,
-                lay.comb_flag,
-                lay.comb_rows,
-                self.max_num_tokens,
-                self.hidden_dim,
-                self.comb_stride,
                 R=R,
                 R_PAD=self.r_pad,
+                CB=self.cb,
                 CC=self.cc,
                 TB=self.tb,
                 NB=self.nb,
-                BLOCK_H=self.block_h_recv,
+                BLOCK_H_SEND=self.block_h_send,
+                BLOCK_H_RECV=self.block_h_recv,
                 ACCUMULATE=bool(accumulate),
-                OUT_DTYPE=out_tl,
+                OUT_DTYPE=_TL_DTYPE[self.out_dtype],
                 MAX_SPIN=self.max_spin,
-                CB=self.cb,
                 SYNC2=self.sync == "v2",
                 ASM=self.asm,
+                PROF=self.prof_on,
+                DO_SEND=snd,
+                DO_RECV=rcv,
                 num_warps=self.num_warps,
             )
             self._after_launch()
