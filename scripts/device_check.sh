@@ -20,7 +20,7 @@ step() {  # step NAME SECONDS CMD...
   echo "$name rc=$rc $((SECONDS - t0))s: $*" | tee -a "$OUT/summary.txt"
   tail -n 25 "$OUT/$name.log"
 }
-step gpu_tests 140 $PY -m pytest -m gpu tests -q -p no:cacheprovider
+step gpu_tests 300 $PY -m pytest -m gpu tests -v --durations=0 -p no:cacheprovider
 step internode_ep$NGPU 70 $PY -m pplx.bench moe --device cuda --ranks "$NGPU" \
   --ranks-per-node $((NGPU / 2)) --shapes decode --iters 10 --csv "$OUT/moe_internode.csv"
 [ "$NGPU" -ge 4 ] && step internode_ep2 45 $PY -m pplx.bench moe --device cuda --ranks 2 \
