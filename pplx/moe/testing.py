@@ -152,6 +152,68 @@ def random_expert_y(
     return torch.randn(num_rows, hidden, generator=generator).to(dtype)
 
 
+@dataclass
+class GroupExpectation:
+    """What the reference says one rank must get, for a group's inputs.
+
+    Attributes:
+        dispatch: the reference dispatch result of the rank (`reference.DispatchResult`).
+        expert_ys: per rank `[max_recv_tokens, H]` bf16: fresh random expert outputs.
+        outs_before: per rank `[T_r, H]` bf16: random combine outputs before the call
+            (what `accumulate=True` adds into).
+        combine: `[T, H]` bf16: the rank's reference combine output.
+    """
+
+    dispatch: Any
+    expert_ys: list[torch.Tensor]
+    outs_before: list[torch.Tensor]
+    combine: torch.Tensor
+
+
+def expect_group(
+    inputs: Sequence[MoEInputs],
+    rank: int,
+    num_experts: int,
+    expert_padding: int,
+    max_recv_tokens: int,
+    hidden: int,
+    seed: int,
+    *,
+    accumulate: bool = False,
+) -> GroupExpectation:
+    """Reference dispatch and combine for `rank`, with expert outputs and prior combine
+    outputs drawn from `seed` (every rank of a test draws the same ones)."""
+    from pplx.moe import reference as R
+
+    bms = [i.bound_m for i in inputs]
+    idx = [i.indices for i in inputs]
+    ws = [i.weights for i in inputs]
+    want = R.reference_dispatch(
+        [i.x for i in inputs],
+        [i.x_scale for i in inputs],
+        idx,
+        ws,
+        num_experts,
+        expert_padding,
+        bms,
+    )[rank]
+    g = torch.Generator().manual_seed(seed)
+    ys = [random_expert_y(max_recv_tokens, hidden, torch.bfloat16, g) for _ in inputs]
+    olds = [random_expert_y(i.x.shape[0], hidden, torch.bfloat16, g) for i in inputs]
+    want_out = R.reference_combine(
+        ys,
+        idx,
+        ws,
+        num_experts,
+        expert_padding,
+        bms,
+        torch.bfloat16,
+        outs=olds,
+        accumulate=accumulate,
+    )[rank]
+    return GroupExpectation(want, ys, olds, want_out)
+
+
 # ---------------------------------------------------------------------------------------
 # Poisoning and comparison
 

@@ -120,32 +120,17 @@ def _run_case(rank: int, world: int, seed: int, c: Case) -> dict:
                     i.indices.fill_(0)
             me = inputs[rank]
             bound = None if me.bound_m is None else torch.tensor([me.bound_m], dtype=torch.int32)
-            want = R.reference_dispatch(
-                [i.x for i in inputs],
-                [i.x_scale for i in inputs],
-                [i.indices for i in inputs],
-                [i.weights for i in inputs],
+            exp = TT.expect_group(
+                inputs,
+                rank,
                 experts,
                 c.padding,
-                [i.bound_m for i in inputs],
-            )[rank]
-            g = torch.Generator().manual_seed(seed + 1 + it)
-            ys = [
-                TT.random_expert_y(a2a.max_recv_tokens, c.hidden, torch.bfloat16, g)
-                for _ in range(world)
-            ]
-            olds = [TT.random_expert_y(i.x.shape[0], c.hidden, torch.bfloat16, g) for i in inputs]
-            want_out = R.reference_combine(
-                ys,
-                [i.indices for i in inputs],
-                [i.weights for i in inputs],
-                experts,
-                c.padding,
-                [i.bound_m for i in inputs],
-                torch.bfloat16,
-                outs=olds,
+                a2a.max_recv_tokens,
+                c.hidden,
+                seed + 1 + it,
                 accumulate=c.accumulate,
-            )[rank]
+            )
+            want, ys, olds, want_out = exp.dispatch, exp.expert_ys, exp.outs_before, exp.combine
             outs = a2a.alloc_dispatch_outputs()
             TT.run_dispatch(impl, outs, me, bound, split=c.split)
             TT.assert_dispatch_matches(

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from pplx.moe import AllToAll, baseline
-from pplx.moe import reference as R
 from pplx.moe import testing as TT
 from pplx.moe.layout import hidden_dim_scale
 
@@ -77,31 +76,17 @@ def _run_case(rank: int, world: int, seed: int, c: Case) -> None:
         backend="torch",
     )
     bound = None if me.bound_m is None else torch.tensor([me.bound_m], dtype=torch.int32)
-    want = R.reference_dispatch(
-        [i.x for i in inputs],
-        [i.x_scale for i in inputs],
-        [i.indices for i in inputs],
-        [i.weights for i in inputs],
+    exp = TT.expect_group(
+        inputs,
+        rank,
         experts,
         c.padding,
-        [i.bound_m for i in inputs],
-    )[rank]
-    g = torch.Generator().manual_seed(seed + 1)
-    ys = [
-        TT.random_expert_y(a2a.max_recv_tokens, c.hidden, torch.bfloat16, g) for _ in range(world)
-    ]
-    olds = [TT.random_expert_y(i.x.shape[0], c.hidden, torch.bfloat16, g) for i in inputs]
-    want_out = R.reference_combine(
-        ys,
-        [i.indices for i in inputs],
-        [i.weights for i in inputs],
-        experts,
-        c.padding,
-        [i.bound_m for i in inputs],
-        torch.bfloat16,
-        outs=olds,
+        a2a.max_recv_tokens,
+        c.hidden,
+        seed + 1,
         accumulate=c.accumulate,
-    )[rank]
+    )
+    want, ys, olds, want_out = exp.dispatch, exp.expert_ys, exp.outs_before, exp.combine
 
     with a2a:
         # AllToAll, torch backend.
