@@ -16,7 +16,10 @@ process group. Rows:
   from the same iterations;
 - the baseline in the same run: `pplx.moe.baseline` (`all_to_all_single` over gloo/NCCL);
 - the host proxy round trip: producer -> proxy thread -> write with imm -> ImmCounter ->
-  producer, with a C producer, a Python producer, and (CUDA) a Triton kernel producer;
+  producer, with a C producer (proxy spinning, or driving the engine's progress), a Python
+  producer, and (CUDA) a Triton kernel producer: every `pplx.moe.internode_gpu` variant,
+  with its parts (PCIe ping-pong alone; ring + proxy with NOP items; the whole path with
+  each proxy setting); the default variant's row comes first (`_gpu_proxy_rows`);
 - the fabric's own bandwidth: one engine writing 1 MiB and 8 MiB to another.
 Each iteration's dispatch output is compared with the baseline's (bit-exact) once.
 """

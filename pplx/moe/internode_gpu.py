@@ -30,6 +30,13 @@ Variants (`Variant`; the parts are measured by `pplx.bench.moe_internode --proxy
   reads nothing that the flag guards (a consumer that does adds `fence.acq_rel.sys`).
 - `cache_consumed`: read the proxy's `consumed` counter (host memory, one PCIe round trip)
   only when the ring might be full, not before every item.
+- `num_warps`: 1. The first version ran Triton's default 4 warps: every warp stored the item
+  and polled, and the scalar atomic went through a CTA barrier (publish 3.0 us, not 0.65).
+
+`DEFAULT` (tagged ring, one poll in flight), with `HostProxy(tagged=True,
+drive_progress=True)`, was the fastest on an H100 (PERFORMANCE.md, "Proxy round trip on
+the H100 machine"): 2.97 us p50 for the whole path, 10.9-12.1 us before. More polls in
+flight were slower (loads of one address from one SM do not overlap: each added ~1 us).
 
 Memory: the ring is a pinned host tensor given to `HostProxy(ring=...)`; the ImmCounter
 table (engine-allocated, page-aligned) and the proxy's counters (their own page) are
@@ -314,7 +321,13 @@ def _wait_slot(counters_ptr, t, num_slots, consumed, CACHE_CONSUMED: tl.constexp
     return consumed
 
 
-@triton.jit
+# Tickets and counts change every launch: specialising on them (divisibility by 16, == 1)
+# recompiled the kernel inside a timed launch (host mean 55 us per round trip on the H100).
+@triton.jit(
+    do_not_specialize=[
+        "num_slots", "ticket0", "flag0", "iters", "word1", "nbytes", "word5", "stagger"
+    ]
+)  # fmt: skip
 def _roundtrip_kernel(
     ring_ptr,  # [num_slots * 8] int64: the proxy's ring (ITEM), else the ping word
     counters_ptr,  # [8] int64: the proxy's counters (CONSUMED at 0); unused without ITEM
