@@ -76,6 +76,7 @@ def _cases(world_size: int):
                     num_experts_per_token=3,
                     block_tokens=2,  # fused prefix (default for small T) over 3 chunks
                     fused=True,  # one launch per phase: send programs, then receive ones
+                    env={"PPLX_MOE_PB": "2"},  # the last chunk recounts 4 tokens in 2 steps
                 ),
                 [
                     Case("fp8 + scales, padding 16", 5, 256, 8, 3, FP8, 16, iters=2),
@@ -92,6 +93,8 @@ def _cases(world_size: int):
                     in_dtype=torch.bfloat16,
                     num_experts_per_token=4,
                     sync="v1",  # the previous signalling protocol stays covered
+                    # and the send path that loads rows after the prefix (PPLX_MOE_EARLY=0)
+                    env={"PPLX_MOE_EARLY": "0"},
                 ),
                 [Case("K == E (every token to every expert), sync v1", 4, 32, 4, 4)],
             ),
@@ -138,15 +141,23 @@ def _worker(rank: int, world_size: int) -> int:
 
     done = 0
     for n, (kw, cases) in enumerate(_cases(world_size)):
+        kw = dict(kw)
+        env = kw.pop("env", {})  # PPLX_MOE_* tuning hooks read at construction
         in_dtype = kw["in_dtype"]
-        at = TritonAllToAll(
-            hidden_dim_scale=L.hidden_dim_scale(kw["hidden_dim"]) if in_dtype == FP8 else 0,
-            out_dtype=torch.bfloat16,
-            scale_dtype=torch.float32 if in_dtype == FP8 else None,
-            device="cpu",
-            timeout_s=60.0,
-            **kw,
-        )
+        os.environ.update(env)
+        try:
+            at = TritonAllToAll(
+                hidden_dim_scale=L.hidden_dim_scale(kw["hidden_dim"]) if in_dtype == FP8 else 0,
+                out_dtype=torch.bfloat16,
+                scale_dtype=torch.float32 if in_dtype == FP8 else None,
+                device="cpu",
+                timeout_s=60.0,
+                **kw,
+            )
+        finally:
+            for k in env:
+                os.environ.pop(k, None)
+        assert at.early == (env.get("PPLX_MOE_EARLY") != "0")
         for i, case in enumerate(cases):
             run_case(at, case, 100 * n + i, rank, world_size, torch.device("cpu"))
             done += 1

@@ -80,6 +80,55 @@ def _dispatch_count_kernel(
 
 
 @triton.jit
+def _send_rows(
+    x_ptr,
+    stride_xt,
+    xs_ptr,
+    stride_st,
+    t,  # [BT] this chunk's tokens
+    t_ok,
+    hit,  # [BT] 1 where token t reaches d
+    p,  # [BT] its slot in d's area
+    xv,  # [BT, BLOCK_W] its words (EARLY: loaded already)
+    sv,  # [BT, S_PAD] its scales (EARLY)
+    table_ptr,
+    rank,
+    d,
+    off_rows,
+    off_scales,
+    T_MAX,
+    W,
+    ROW_WORDS,
+    S,
+    HAS_SCALE: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    S_PAD: tl.constexpr,
+    WORD: tl.constexpr,
+    EARLY: tl.constexpr,
+):
+    """Rows: one copy of token t per destination rank, 8-byte words, straight into d's
+    buffer at slot p (and its scales)."""
+    h_ok = hit > 0
+    dst = peer_ptr(table_ptr, d, off_rows, WORD) + (rank * T_MAX + p)[:, None] * ROW_WORDS
+    if EARLY:
+        wo = tl.arange(0, BLOCK_W)
+        tl.store(dst + wo[None, :], xv, mask=h_ok[:, None] & (wo[None, :] < W))
+    else:
+        src = x_ptr + t[:, None] * stride_xt
+        for w0 in range(0, W, BLOCK_W):
+            wo = w0 + tl.arange(0, BLOCK_W)
+            ok = h_ok[:, None] & (wo[None, :] < W)
+            tl.store(dst + wo[None, :], tl.load(src + wo[None, :], mask=ok), mask=ok)
+    if HAS_SCALE:
+        so = tl.arange(0, S_PAD)
+        ok = h_ok[:, None] & (so[None, :] < S)
+        if not EARLY:
+            sv = tl.load(xs_ptr + t[:, None] * stride_st + so[None, :], mask=ok)
+        dsc = peer_ptr(table_ptr, d, off_scales, tl.int32) + (rank * T_MAX + p)[:, None] * S
+        tl.store(dsc + so[None, :], sv, mask=ok)
+
+
+@triton.jit
 def _dispatch_send(
     c,  # token chunk
     d,  # destination rank
@@ -130,10 +179,25 @@ def _dispatch_send(
     SYNC2: tl.constexpr,
     ASM: tl.constexpr,
     PROF: tl.constexpr,
+    EARLY: tl.constexpr,
 ):
     """Send program (c, d): token chunk c to destination rank d."""
     stamp(prof_ptr, 0, PROF)
     m = _live_tokens(bound_m_ptr, num_tokens)
+    xv = tl.zeros([BT, BLOCK_W], dtype=WORD)
+    sv = tl.zeros([BT, S_PAD], dtype=tl.int32)
+    if EARLY:
+        # This chunk's rows and scales (one tile: W <= BLOCK_W), loaded before the ack wait
+        # and the prefix so that their HBM latency overlaps them (input data: no ordering
+        # with the peers is involved).
+        t = c * BT + tl.arange(0, BT)
+        wo = tl.arange(0, BLOCK_W)
+        xok = (t < m)[:, None] & (wo[None, :] < W)
+        xv = tl.load(x_ptr + t[:, None] * stride_xt + wo[None, :], mask=xok)
+        if HAS_SCALE:
+            so = tl.arange(0, S_PAD)
+            sok = (t < m)[:, None] & (so[None, :] < S)
+            sv = tl.load(xs_ptr + t[:, None] * stride_st + so[None, :], mask=sok)
     # The send side's own epoch (state[5]): in the fused kernel a send program may read
     # it while this rank's receive programs are bumping theirs (state[0]).
     epoch = tl.load(state_ptr + 5)
@@ -195,6 +259,13 @@ def _dispatch_send(
     p = base_p + tl.cumsum(hit, axis=0) - hit  # [BT] slot of token t in d's area
     tl.store(send_pos_ptr + t * R + d, tl.where(hit > 0, p, -1), mask=t_ok)
 
+    if EARLY:
+        # Rows first: their remote stores overlap the record pass below.
+        _send_rows(
+            x_ptr, stride_xt, xs_ptr, stride_st, t, t_ok, hit, p, xv, sv, table_ptr, rank, d,
+            off_rows, off_scales, T_MAX, W, ROW_WORDS, S, HAS_SCALE, BLOCK_W, S_PAD, WORD, EARLY,
+        )  # fmt: skip
+    stamp(prof_ptr, 3, PROF)
     # Pass 2: records (local expert, q, weight) per slot, into d's area for source `rank`.
     rec = (rank * T_MAX + p) * K  # [BT] first record of token t
     tok_e = peer_ptr(table_ptr, d, off_tok_e, tl.int32)
@@ -214,21 +285,11 @@ def _dispatch_send(
         tl.store(tok_q + rec + k, q, mask=h_ok)
         tl.store(tok_w + rec + k, w, mask=h_ok)
 
-    stamp(prof_ptr, 3, PROF)
-    # Rows: one copy of token t per destination rank, 8-byte words, straight into d's buffer.
-    dst = peer_ptr(table_ptr, d, off_rows, WORD) + (rank * T_MAX + p)[:, None] * ROW_WORDS
-    src = x_ptr + t[:, None] * stride_xt
-    for w0 in range(0, W, BLOCK_W):
-        wo = w0 + tl.arange(0, BLOCK_W)
-        ok = h_ok[:, None] & (wo[None, :] < W)
-        tl.store(dst + wo[None, :], tl.load(src + wo[None, :], mask=ok), mask=ok)
-    if HAS_SCALE:
-        so = tl.arange(0, S_PAD)
-        ok = h_ok[:, None] & (so[None, :] < S)
-        sc = tl.load(xs_ptr + t[:, None] * stride_st + so[None, :], mask=ok)
-        dsc = peer_ptr(table_ptr, d, off_scales, tl.int32) + (rank * T_MAX + p)[:, None] * S
-        tl.store(dsc + so[None, :], sc, mask=ok)
-
+    if not EARLY:
+        _send_rows(
+            x_ptr, stride_xt, xs_ptr, stride_st, t, t_ok, hit, p, xv, sv, table_ptr, rank, d,
+            off_rows, off_scales, T_MAX, W, ROW_WORDS, S, HAS_SCALE, BLOCK_W, S_PAD, WORD, EARLY,
+        )  # fmt: skip
     stamp(prof_ptr, 4, PROF)
     if c == NC - 1:
         # The last chunk's prefix plus its own counts are the totals from this rank.
@@ -465,6 +526,7 @@ def _dispatch_kernel(
     SYNC2: tl.constexpr,
     ASM: tl.constexpr,
     PROF: tl.constexpr,
+    EARLY: tl.constexpr,
     DO_SEND: tl.constexpr,
     DO_RECV: tl.constexpr,
 ):
@@ -533,6 +595,7 @@ def _dispatch_kernel(
                 SYNC2,
                 ASM,
                 PROF,
+                EARLY,
             )
     if DO_RECV:
         q = pid - n_send

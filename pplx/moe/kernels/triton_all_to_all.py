@@ -115,8 +115,8 @@ class TritonAllToAll:
             (`sync_kernels.py` describes both).
         fused: one launch per phase (send programs, then receive programs in the same
             grid) instead of a send launch and a receive launch when a call does both
-            halves; `PPLX_MOE_FUSED=1` sets the default (`dispatch_kernels.py`,
-            `_dispatch_kernel`, states what it relies on).
+            halves (default: when max_num_tokens <= 512; `PPLX_MOE_FUSED=0/1` overrides;
+            `dispatch_kernels.py`, `_dispatch_kernel`, states what it relies on).
     """
 
     def __init__(
@@ -199,7 +199,10 @@ class TritonAllToAll:
         """Sizes, buffer layout and tiles (no allocation; self.device must be set)."""
         self.world_size = world_size
         if fused is None:
-            fused = os.environ.get("PPLX_MOE_FUSED", "0") == "1"
+            env = os.environ.get("PPLX_MOE_FUSED")
+            # Decode (T <= 512) by default; prefill keeps a launch per half (not measured
+            # fused yet).
+            fused = env == "1" if env is not None else int(max_num_tokens) <= 512
         self.fused = bool(fused)
         # Clock stamps need PTX (`%globaltimer`): CUDA only.
         self.prof_on = os.environ.get("PPLX_MOE_PROF", "0") == "1" and self.device.type == "cuda"
@@ -277,7 +280,13 @@ class TritonAllToAll:
         self.cb_prefix = _clamp(_pow2(self.nc), 1, 64)
         # Decode: each send program recounts earlier tokens itself (no count kernel).
         self.fused_prefix = T <= 512 if fused_prefix is None else bool(fused_prefix)
-        self.pb = _clamp(_pow2(T), 1, 32)
+        # Tokens per step of the fused prefix: the last chunk's program recounts T - BT
+        # tokens; at 32 per step that was 4 dependent load rounds (clock stamps, 4 H100,
+        # EP4 decode: 4.6 us median / 8.1 us max of the send chain); one step of up to 128
+        # tokens keeps the one-hot accumulator at <= 8192 int32 (32 registers a thread).
+        self.pb = _clamp(_pow2(T), 1, max(1, min(128, 8192 // _pow2(self.num_local_experts))))
+        if os.environ.get("PPLX_MOE_PB"):  # tuning hook (benchmarks only)
+            self.pb = _pow2(int(os.environ["PPLX_MOE_PB"]))
         self.rb = rb  # received tokens per recv program (per source)
         self.rc = triton.cdiv(T, self.rb)
         self.cb = cb  # received tokens per combine-send program
@@ -295,6 +304,11 @@ class TritonAllToAll:
         self.block_h_send = _clamp(cap // self.cb, 32, hpad)
         self.block_h_recv = _clamp(2 * cap // self.tb, 32, hpad)
         self.nc_pad = _pow2(self.nc)
+        # Dispatch send: load the chunk's rows before the waits and the prefix, store them
+        # before the record pass (needs one row tile, W <= BLOCK_W); PPLX_MOE_EARLY=0 off.
+        self.early = (
+            os.environ.get("PPLX_MOE_EARLY", "1") == "1" and self.words <= self.block_w_send
+        )
         self.layout = BufferLayout.build(
             R,
             T,
@@ -312,6 +326,11 @@ class TritonAllToAll:
         self.num_warps = 8 if self.device.type == "cuda" else 4
         if os.environ.get("PPLX_MOE_NUM_WARPS"):  # tuning hook (benchmarks only)
             self.num_warps = int(os.environ["PPLX_MOE_NUM_WARPS"])
+        # Combine: 4 warps a program. 4 H100, EP4 decode, same run (2026-11-28): combine
+        # 43.9 us with 4 warps vs 47.9 with 8 (dispatch wants 8: 44.4 vs 37.8 us).
+        self.num_warps_comb = 4 if self.device.type == "cuda" and T <= 512 else self.num_warps
+        if os.environ.get("PPLX_MOE_COMB_WARPS"):  # tuning hook (benchmarks only)
+            self.num_warps_comb = int(os.environ["PPLX_MOE_COMB_WARPS"])
 
     def _alloc_private(self, dev: torch.device) -> None:
         """This rank's private device state (never touched by peers)."""
@@ -553,6 +572,7 @@ class TritonAllToAll:
                 SYNC2=self.sync == "v2",
                 ASM=self.asm,
                 PROF=self.prof_on,
+                EARLY=self.early,
                 DO_SEND=snd,
                 DO_RECV=rcv,
                 num_warps=self.num_warps,
@@ -639,7 +659,7 @@ class TritonAllToAll:
                 PROF=self.prof_on,
                 DO_SEND=snd,
                 DO_RECV=rcv,
-                num_warps=self.num_warps,
+                num_warps=self.num_warps_comb,
             )
             self._after_launch()
 
