@@ -26,6 +26,7 @@ __all__ = [
     "InvalidDescriptor",
     "MessageTooLarge",
     "OutOfBounds",
+    "PeerDead",
     "ProviderNotFound",
     "TransferFailed",
     "TryAgain",
@@ -83,6 +84,11 @@ class TransferFailed(FabricError):
     """A request completed, but some of its operations failed."""
 
 
+class PeerDead(TransferFailed):
+    """Operations failed because the peer's process exited (shm: detected at once; later
+    operations to it fail without being posted)."""
+
+
 def _codes() -> dict[int, type[FabricError]]:
     return {
         lib.PPLX_ERR_NO_PROVIDER: ProviderNotFound,
@@ -95,6 +101,7 @@ def _codes() -> dict[int, type[FabricError]]:
         lib.PPLX_ERR_AGAIN: TryAgain,
         lib.PPLX_ERR_MSG_SIZE: MessageTooLarge,
         lib.PPLX_ERR_FAILED: TransferFailed,
+        lib.PPLX_ERR_PEER_DEAD: PeerDead,
     }
 
 

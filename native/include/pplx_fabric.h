@@ -89,7 +89,8 @@ enum pplx_status {
 	PPLX_ERR_INVALID = -1007, /* bad argument (see pplx_last_error) */
 	PPLX_ERR_AGAIN = -1008, /* resource busy (e.g. no free send slot) */
 	PPLX_ERR_MSG_SIZE = -1009, /* message larger than the slot size */
-	PPLX_ERR_FAILED = -1010 /* a request completed with failed ops */
+	PPLX_ERR_FAILED = -1010, /* a request completed with failed ops */
+	PPLX_ERR_PEER_DEAD = -1011 /* the peer's process exited (shm): ops to it fail */
 };
 
 /* Memory kinds for pplx_mr_reg. */
@@ -141,6 +142,8 @@ struct pplx_engine_stats {
 	uint64_t cq_errors;
 	uint64_t pending_now; /* ops queued, waiting to be posted */
 	uint64_t inflight_now; /* ops posted, not completed */
+	uint64_t peers_dead; /* peer processes seen exiting (shm) */
+	uint64_t locks_recovered; /* shm region locks a dead process left held, released */
 };
 
 /* One destination of a scatter: len bytes from the source region at
@@ -174,6 +177,10 @@ int pplx_engine_num_domains(struct pplx_engine *e);
 const char *pplx_engine_provider(struct pplx_engine *e);
 /* Nonzero if the provider registers device memory (FI_HMEM). */
 int pplx_engine_has_hmem(struct pplx_engine *e);
+/* How this engine watches peer processes: 0 not at all (not shm), 1 their
+ * exit (ops to a dead peer fail), 2 that and releasing shm region locks a
+ * dead peer left held (libfabric 1.17's shm layout recognised). */
+int pplx_engine_peer_watch(struct pplx_engine *e);
 /* Size in bytes of the engine's main address. */
 int pplx_engine_address_len(struct pplx_engine *e);
 /* Copy the main address (every domain's endpoint name) into buf; *len is
@@ -248,8 +255,10 @@ int64_t pplx_recv(struct pplx_engine *e, void *buf, uint64_t cap, int64_t timeou
 void pplx_req_counts(struct pplx_req *r, uint64_t *total, uint64_t *done, uint64_t *failed,
 		     int *error);
 /* Wait until every op completed: 0 if all succeeded, PPLX_ERR_FAILED if any
- * failed (see pplx_req_counts), PPLX_ERR_TIMEOUT after timeout_us (< 0 =
- * forever). Spins briefly, then sleeps on a condition variable. */
+ * failed (see pplx_req_counts; PPLX_ERR_PEER_DEAD if the first failure was
+ * that: on shm, a peer process that exits fails the ops to it, queued or in
+ * flight, and every later one at once), PPLX_ERR_TIMEOUT after timeout_us
+ * (< 0 = forever). Spins briefly, then sleeps on a condition variable. */
 int pplx_req_wait(struct pplx_req *r, int64_t timeout_us);
 /* Drop the caller's reference; in-flight ops keep theirs. */
 void pplx_req_release(struct pplx_req *r);

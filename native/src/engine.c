@@ -278,6 +278,8 @@ bool engine_progress_locked(struct pplx_engine *e)
 		ops_retry_pending(e, &did);
 	if (e->num_held)
 		imm_release_held(e, false, &did);
+	if (atomic_load_explicit(&e->reap_dead, memory_order_relaxed))
+		watch_reap_locked(e, &did);
 	if (did && atomic_load(&e->waiters))
 		pthread_cond_broadcast(&e->cv);
 	return did;
@@ -401,6 +403,8 @@ int pplx_engine_create(const struct pplx_engine_config *cfg, struct pplx_engine 
 		snprintf(e->node, sizeof(e->node), "%s", cfg->node);
 	pthread_mutex_init(&e->lock, NULL);
 	pthread_mutex_init(&e->nap_lock, NULL);
+	pthread_mutex_init(&e->watch_lock, NULL);
+	e->watch_efd = -1;
 	pthread_condattr_init(&ca);
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
 	pthread_cond_init(&e->cv, &ca);
@@ -431,6 +435,9 @@ int pplx_engine_create(const struct pplx_engine_config *cfg, struct pplx_engine 
 		if (rc)
 			goto err;
 	}
+	rc = watch_init(e);
+	if (rc)
+		goto err;
 	rc = msg_init(e);
 	if (rc)
 		goto err;
@@ -477,6 +484,7 @@ void pplx_engine_destroy(struct pplx_engine *e)
 		engine_wake_progress(e);
 		pthread_join(e->thread, NULL);
 	}
+	watch_fini(e); /* the monitor thread; ops keep op->watch but never read it now */
 	/* Waiters see `closed` and leave; the engine must outlive them. */
 	while (atomic_load(&e->waiters) > 0) {
 		pthread_mutex_lock(&e->lock);
@@ -514,6 +522,7 @@ void pplx_engine_destroy(struct pplx_engine *e)
 	pthread_cond_destroy(&e->nap_cv);
 	pthread_mutex_destroy(&e->lock);
 	pthread_mutex_destroy(&e->nap_lock);
+	pthread_mutex_destroy(&e->watch_lock);
 	free(e);
 }
 
@@ -522,6 +531,11 @@ int pplx_engine_num_domains(struct pplx_engine *e) { return e->n; }
 const char *pplx_engine_provider(struct pplx_engine *e) { return e->provider; }
 
 int pplx_engine_has_hmem(struct pplx_engine *e) { return e->has_hmem; }
+
+int pplx_engine_peer_watch(struct pplx_engine *e)
+{
+	return e->monitor_started ? 1 + e->lock_recovery : 0;
+}
 
 int pplx_engine_address_len(struct pplx_engine *e)
 {
@@ -560,6 +574,8 @@ int pplx_engine_stats(struct pplx_engine *e, struct pplx_engine_stats *out)
 	*out = e->stats;
 	out->pending_now = e->pending.len;
 	out->inflight_now = e->inflight.len;
+	out->peers_dead = atomic_load(&e->peers_dead);
+	out->locks_recovered = atomic_load(&e->locks_recovered);
 	engine_unlock(e);
 	return 0;
 }
@@ -634,6 +650,7 @@ static int peer_import_locked(struct pplx_engine *e, const uint8_t *a, size_t le
 	p->addr = malloc(len);
 	if (!p->addr)
 		return pplx_fail(-FI_ENOMEM, "out of memory");
+	p->watch = watch_peer(e, names, lens);
 	memcpy(p->addr, a, len);
 	p->len = len;
 	return e->num_peers++;
@@ -673,8 +690,10 @@ int pplx_rdesc_import(struct pplx_engine *e, const uint8_t *main_addr, size_t ma
 		return pplx_fail(-FI_ENOMEM, "out of memory");
 	engine_lock(e);
 	peer = peer_import_locked(e, main_addr, main_addr_len);
-	if (peer >= 0)
+	if (peer >= 0) {
 		memcpy(r->fi_addr, e->peers[peer].fi_addr, sizeof(r->fi_addr));
+		r->watch = e->peers[peer].watch;
+	}
 	engine_unlock(e);
 	if (peer < 0) {
 		free(r);

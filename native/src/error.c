@@ -49,6 +49,8 @@ const char *pplx_strerror(int rc)
 		return "message larger than the slot size";
 	case PPLX_ERR_FAILED:
 		return "operation failed";
+	case PPLX_ERR_PEER_DEAD:
+		return "peer process exited";
 	default:
 		return fi_strerror(rc < 0 ? -rc : rc);
 	}

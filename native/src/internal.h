@@ -30,6 +30,20 @@
 
 enum op_kind { OP_WRITE = 1, OP_SEND = 2, OP_RECV = 3 };
 
+/* A peer process watched for death (shm; peers.c). Allocated once per peer,
+ * never moved or freed before the engine: ops and descriptors point at it. */
+struct peer_watch {
+	struct peer_watch *next; /* engine's list, under watch_lock */
+	int pid, pidfd;
+	int n;
+	_Atomic int dead;
+	uint64_t dead_ns;
+	bool unwatched; /* dead long enough: its lock is no longer sampled */
+	char name[PPLX_MAX_DOMAINS][64]; /* its shm region names */
+	uint8_t *region[PPLX_MAX_DOMAINS]; /* first page of each, or NULL */
+	uint32_t held_samples[PPLX_MAX_DOMAINS];
+};
+
 /* One libfabric operation. fctx first: libfabric may use it (FI_CONTEXT2). */
 struct pplx_op {
 	struct fi_context2 fctx;
@@ -41,6 +55,8 @@ struct pplx_op {
 	int slot; /* send/recv slot index */
 	bool has_data;
 	bool inflight;
+	bool detached; /* its request already counted it failed (dead peer) */
+	struct peer_watch *watch; /* destination process, NULL if not watched */
 	void *buf;
 	size_t len;
 	fi_addr_t dest;
@@ -75,6 +91,7 @@ struct pplx_mr {
 
 struct pplx_rdesc {
 	struct pplx_engine *e;
+	struct peer_watch *watch;
 	uint64_t base, len;
 	int n;
 	fi_addr_t fi_addr[PPLX_MAX_DOMAINS];
@@ -82,6 +99,7 @@ struct pplx_rdesc {
 };
 
 struct pplx_peer {
+	struct peer_watch *watch;
 	uint8_t *addr;
 	size_t len;
 	fi_addr_t fi_addr[PPLX_MAX_DOMAINS];
@@ -165,6 +183,19 @@ struct pplx_engine {
 	uint32_t ready_head, ready_count;
 
 	struct pplx_engine_stats stats;
+
+	/* dead peers (peers.c); only the monitor thread touches the samples */
+	pthread_mutex_t watch_lock; /* the list; never held across a libfabric call */
+	struct peer_watch *watches;
+	int watch_efd; /* eventfd: wakes the monitor (new peer, stop) */
+	pthread_t monitor;
+	bool monitor_started;
+	bool lock_recovery; /* our region proved the shm layout peers.c knows */
+	int spin_unlocked; /* value of an unlocked pthread spinlock */
+	uint8_t *own_region[PPLX_MAX_DOMAINS];
+	uint32_t own_held_samples[PPLX_MAX_DOMAINS];
+	_Atomic int reap_dead; /* a peer died: the next progress pass fails its ops */
+	_Atomic uint64_t peers_dead, locks_recovered;
 };
 
 /* error.c */
@@ -176,6 +207,7 @@ struct pplx_op *op_alloc(struct pplx_engine *e);
 void op_free(struct pplx_engine *e, struct pplx_op *op);
 int op_submit(struct pplx_engine *e, struct pplx_op *op);
 void op_complete(struct pplx_engine *e, struct pplx_op *op, int err);
+void op_detach(struct pplx_engine *e, struct pplx_op *op, int err);
 int op_post(struct pplx_engine *e, struct pplx_op *op);
 void ops_retry_pending(struct pplx_engine *e, bool *did);
 void req_put(struct pplx_req *r);
@@ -201,6 +233,13 @@ void imm_deliver(struct pplx_engine *e, uint32_t imm);
 void imm_release_held(struct pplx_engine *e, bool all, bool *did);
 int engine_wait_cond(struct pplx_engine *e, bool (*cond)(void *), void *arg,
 		     int64_t timeout_us);
+
+/* peers.c */
+int watch_init(struct pplx_engine *e);
+void watch_fini(struct pplx_engine *e);
+struct peer_watch *watch_peer(struct pplx_engine *e, const uint8_t *const *names,
+			      const size_t *lens);
+void watch_reap_locked(struct pplx_engine *e, bool *did);
 
 /* msg.c */
 int msg_init(struct pplx_engine *e);

@@ -155,6 +155,7 @@ int pplx_send(struct pplx_engine *e, int peer, const void *buf, uint64_t len,
 	if (len)
 		memcpy(op->buf, buf, len);
 	op->dest = e->peers[peer].fi_addr[0];
+	op->watch = e->peers[peer].watch;
 	op->mr = e->send_mr;
 	atomic_fetch_add(&e->send_mr->refs, 1);
 	op->req = r;

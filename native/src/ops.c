@@ -112,7 +112,9 @@ void op_complete(struct pplx_engine *e, struct pplx_op *op, int err)
 		list_remove(&e->inflight, op);
 		op->inflight = false;
 	}
-	if (err)
+	if (op->detached)
+		; /* counted when it was detached */
+	else if (err)
 		e->stats.ops_failed++;
 	else
 		e->stats.ops_completed++;
@@ -134,11 +136,38 @@ void op_complete(struct pplx_engine *e, struct pplx_op *op, int err)
 	op_free(e, op);
 }
 
+/* Caller holds the lock. An in-flight op whose peer died: its request counts
+ * it failed now; the op stays in flight (libfabric holds its context) and is
+ * freed by its completion or the engine's close. */
+void op_detach(struct pplx_engine *e, struct pplx_op *op, int err)
+{
+	struct pplx_req *r = op->req;
+	int zero = 0;
+
+	op->req = NULL;
+	op->detached = true;
+	e->stats.ops_failed++;
+	atomic_compare_exchange_strong(&r->error, &zero, err);
+	atomic_fetch_add(&r->failed, 1);
+	req_put(r);
+}
+
+static bool peer_dead(const struct pplx_op *op)
+{
+	return op->watch && atomic_load_explicit(&op->watch->dead, memory_order_relaxed);
+}
+
 /* Caller holds the lock. On a hard error the op is completed as failed. */
 int op_submit(struct pplx_engine *e, struct pplx_op *op)
 {
 	int rc;
 
+	/* Never enter libfabric for a dead peer: its shm lock may be held for
+	 * ever (peers.c); the op fails, its request reports it. */
+	if (peer_dead(op)) {
+		op_complete(e, op, PPLX_ERR_PEER_DEAD);
+		return 0;
+	}
 	if (!e->pending.head) {
 		rc = op_post(e, op);
 		if (rc == 0) {
@@ -176,7 +205,7 @@ void ops_retry_pending(struct pplx_engine *e, bool *did)
 	struct pplx_op *op;
 
 	while ((op = e->pending.head)) {
-		int rc = op_post(e, op);
+		int rc = peer_dead(op) ? PPLX_ERR_PEER_DEAD : op_post(e, op);
 
 		if (rc == -FI_EAGAIN)
 			break;
@@ -279,6 +308,7 @@ static int submit_write(struct pplx_engine *e, struct pplx_req *r, struct pplx_m
 	op->buf = (uint8_t *)src->ptr + src_offset;
 	op->len = len;
 	op->dest = dst->fi_addr[dom];
+	op->watch = dst->watch;
 	op->raddr = dst->raddr[dom] + dst_offset;
 	op->rkey = dst->key[dom];
 	op->has_data = has_imm != 0;
@@ -499,7 +529,8 @@ int pplx_req_wait(struct pplx_req *r, int64_t timeout_us)
 	if (atomic_load(&r->failed)) {
 		int err = atomic_load(&r->error);
 
-		return pplx_fail(PPLX_ERR_FAILED, "%lu of %lu ops failed, first error %d (%s)",
+		return pplx_fail(err == PPLX_ERR_PEER_DEAD ? PPLX_ERR_PEER_DEAD : PPLX_ERR_FAILED,
+				 "%lu of %lu ops failed, first error %d (%s)",
 				 (unsigned long)atomic_load(&r->failed),
 				 (unsigned long)atomic_load(&r->total), err, pplx_strerror(err));
 	}

@@ -401,6 +401,13 @@ class TransferEngine:
         return self._provider
 
     @property
+    def peer_watch(self) -> int:
+        """0: peers' processes are not watched (tcp, efa, ...); 1: on shm, a peer process that
+        exits fails the operations to it (PeerDead) at once; 2: that, and a shm region lock the
+        dead process left held is released (libfabric 1.17's shm; see native/src/peers.c)."""
+        return lib.pplx_engine_peer_watch(self._handle())
+
+    @property
     def closed(self) -> bool:
         return self._h is None
 
