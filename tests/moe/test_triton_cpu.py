@@ -125,6 +125,7 @@ def _cases(world_size: int):
                 in_dtype=FP8,
                 num_experts_per_token=4,
                 fused=False,
+                env={"PPLX_MOE_EARLY": "1"},  # rows loaded early (default at 2 ranks only)
             ),
             [Case("3 ranks fp8, padding 16, split", 4, 128, 6, 4, FP8, 16, split=True)],
         ),
@@ -157,7 +158,8 @@ def _worker(rank: int, world_size: int) -> int:
         finally:
             for k in env:
                 os.environ.pop(k, None)
-        assert at.early == (env.get("PPLX_MOE_EARLY") != "0")
+        # Rows loaded early: default at 2 ranks (decode), else as the config's env says.
+        assert at.early == (env.get("PPLX_MOE_EARLY", "1" if world_size <= 2 else "0") == "1")
         for i, case in enumerate(cases):
             run_case(at, case, 100 * n + i, rank, world_size, torch.device("cpu"))
             done += 1

@@ -115,8 +115,9 @@ class TritonAllToAll:
             (`sync_kernels.py` describes both).
         fused: one launch per phase (send programs, then receive programs in the same
             grid) instead of a send launch and a receive launch when a call does both
-            halves (default: when max_num_tokens <= 512; `PPLX_MOE_FUSED=0/1` overrides;
-            `dispatch_kernels.py`, `_dispatch_kernel`, states what it relies on).
+            halves (default: decode, max_num_tokens <= 512, at world size <= 2, where it
+            was measured faster; `PPLX_MOE_FUSED=0/1` overrides; `dispatch_kernels.py`,
+            `_dispatch_kernel`, states what it relies on).
     """
 
     def __init__(
@@ -198,11 +199,16 @@ class TritonAllToAll:
     ) -> None:
         """Sizes, buffer layout and tiles (no allocation; self.device must be set)."""
         self.world_size = world_size
+        # Decode tunings that differ by world size, each measured on 4 H100 against the
+        # previous default in the same run (2026-11-28, PERFORMANCE.md): at EP2 the fused
+        # launch (dispatch 39.7 -> 37.7 us, combine 29.9 -> 27.3) and the early row loads
+        # with a 64-token prefix step (dispatch send 29.9 -> 27.6 us) are faster; at EP4
+        # the same send path with a 128-token step was slower (23.8 -> 29.2 us, the step's
+        # one-hot accumulate took ~9 us) and the fused launch was not faster.
+        small_r = world_size <= 2 and int(max_num_tokens) <= 512
         if fused is None:
             env = os.environ.get("PPLX_MOE_FUSED")
-            # Decode (T <= 512) by default; prefill keeps a launch per half (not measured
-            # fused yet).
-            fused = env == "1" if env is not None else int(max_num_tokens) <= 512
+            fused = env == "1" if env is not None else small_r
         self.fused = bool(fused)
         # Clock stamps need PTX (`%globaltimer`): CUDA only.
         self.prof_on = os.environ.get("PPLX_MOE_PROF", "0") == "1" and self.device.type == "cuda"
@@ -280,11 +286,10 @@ class TritonAllToAll:
         self.cb_prefix = _clamp(_pow2(self.nc), 1, 64)
         # Decode: each send program recounts earlier tokens itself (no count kernel).
         self.fused_prefix = T <= 512 if fused_prefix is None else bool(fused_prefix)
-        # Tokens per step of the fused prefix: the last chunk's program recounts T - BT
-        # tokens; at 32 per step that was 4 dependent load rounds (clock stamps, 4 H100,
-        # EP4 decode: 4.6 us median / 8.1 us max of the send chain); one step of up to 128
-        # tokens keeps the one-hot accumulator at <= 8192 int32 (32 registers a thread).
-        self.pb = _clamp(_pow2(T), 1, max(1, min(128, 8192 // _pow2(self.num_local_experts))))
+        # Tokens per step of the fused prefix (the last chunk's program recounts T - BT
+        # tokens): 32 (EP4: 4.6 us median / 8.1 us max of the send chain in clock stamps,
+        # faster than one 128-token step), 64 at EP2 (with the early row loads, faster).
+        self.pb = _clamp(_pow2(T), 1, 64 if small_r else 32)
         if os.environ.get("PPLX_MOE_PB"):  # tuning hook (benchmarks only)
             self.pb = _pow2(int(os.environ["PPLX_MOE_PB"]))
         self.rb = rb  # received tokens per recv program (per source)
@@ -305,10 +310,11 @@ class TritonAllToAll:
         self.block_h_recv = _clamp(2 * cap // self.tb, 32, hpad)
         self.nc_pad = _pow2(self.nc)
         # Dispatch send: load the chunk's rows before the waits and the prefix, store them
-        # before the record pass (needs one row tile, W <= BLOCK_W); PPLX_MOE_EARLY=0 off.
-        self.early = (
-            os.environ.get("PPLX_MOE_EARLY", "1") == "1" and self.words <= self.block_w_send
-        )
+        # before the record pass (needs one row tile, W <= BLOCK_W). Default at EP2 only
+        # (see small_r above); PPLX_MOE_EARLY=0/1 overrides.
+        early_env = os.environ.get("PPLX_MOE_EARLY")
+        early = early_env == "1" if early_env is not None else small_r
+        self.early = early and self.words <= self.block_w_send
         self.layout = BufferLayout.build(
             R,
             T,
@@ -326,8 +332,9 @@ class TritonAllToAll:
         self.num_warps = 8 if self.device.type == "cuda" else 4
         if os.environ.get("PPLX_MOE_NUM_WARPS"):  # tuning hook (benchmarks only)
             self.num_warps = int(os.environ["PPLX_MOE_NUM_WARPS"])
-        # Combine: 4 warps a program. 4 H100, EP4 decode, same run (2026-11-28): combine
-        # 43.9 us with 4 warps vs 47.9 with 8 (dispatch wants 8: 44.4 vs 37.8 us).
+        # Combine: 4 warps a program at decode. 4 H100, EP4, same runs (2026-11-28): combine
+        # 43.9 us with 4 warps vs 47.9 with 8; combine send 28.3 vs 33.1 (dispatch wants 8:
+        # 44.4 vs 37.8 us); EP2 unchanged (29.9 vs 29.6).
         self.num_warps_comb = 4 if self.device.type == "cuda" and T <= 512 else self.num_warps
         if os.environ.get("PPLX_MOE_COMB_WARPS"):  # tuning hook (benchmarks only)
             self.num_warps_comb = int(os.environ["PPLX_MOE_COMB_WARPS"])
