@@ -73,20 +73,28 @@ def _shapes(quick: bool, cases: list[str]) -> list[Shape]:
 class _Timer:
     """Per-iteration phase timer: CUDA events (GPU time) or perf_counter (CPU)."""
 
-    def __init__(self, device: torch.device, group: dist.ProcessGroup | None):
+    def __init__(self, device: torch.device, group: dist.ProcessGroup | None, realign: bool = True):
         self.cuda = device.type == "cuda"
+        self.realign = realign
         self.device = device
         self.group = group
-        self._one = torch.ones(1, device=device)
+        self._zero = torch.zeros(1, device=device)
 
     def start_iteration(self) -> None:
         if self.cuda:
-            dist.all_reduce(self._one, group=self.group)  # GPU-side rendezvous of all ranks
+            dist.all_reduce(self._zero, group=self.group)  # GPU-side rendezvous of all ranks
             # ~2 ms of GPU sleep (4e6 cycles at <= 2 GHz): the CPU queues the whole iteration
             # meanwhile, so CPU launch time (a graph replay costs ~10-20 us of CPU) does not
             # show up as gaps between the events: with a 20 us sleep, EP4 decode dispatch
             # read 70-81 us instead of 53 us (4 H100, 2026-11-27).
             torch.cuda._sleep(4_000_000)
+            # A sleep of N cycles ends at different times on GPUs at different clocks: the
+            # kernels' clock stamps showed ranks entering a phase up to 65 us apart (4 H100,
+            # 2026-11-28), which whole-phase and receive-half rows then counted as latency.
+            # A second rendezvous after the sleep (queued behind it, so it costs the CPU
+            # nothing) lines the ranks up again to within one all-reduce's exit skew.
+            if self.realign:
+                dist.all_reduce(self._zero, group=self.group)
         else:
             dist.barrier(self.group)
 
@@ -385,7 +393,7 @@ def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> list[Row
     if cuda:
         torch.cuda.set_device(device)
     group = None
-    timer = _Timer(device, group)
+    timer = _Timer(device, group, realign=args.start == "realign")
     provider = "nvlink" if cuda else "shm"
     gbps = _peer_copy_gbps(rank, world_size, device, 5)
     gb = torch.tensor([gbps], dtype=torch.float64, device=device)
@@ -498,7 +506,7 @@ def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> list[Row
                         gbps_nvlink=nbytes / (p50 * 1e-6) / 1e9 if cuda and p50 > 0 else 0.0,
                         baseline="baseline" if base_p50 else "",
                         ratio=base_p50[phase] / p50 if base_p50 and p50 > 0 else float("nan"),
-                        notes=f"iters={args.iters}",
+                        notes=f"iters={args.iters} start={args.start}",
                         **common,
                     )
                 )
@@ -552,6 +560,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run)")
     p.add_argument("--cpu", action="store_true", help="force CPU (gloo, interpreter)")
     p.add_argument("--csv", default=DEFAULT_CSV, help="CSV to append to ('' for none)")
+    p.add_argument(
+        "--start",
+        choices=("realign", "sleep"),
+        default="realign",
+        help="CUDA iteration start: all-reduce, 2 ms GPU sleep, then a second all-reduce "
+        "that lines the ranks up again (realign, default), or without it (sleep: the "
+        "rows of 2026-11-27 and before; ranks entered a phase up to 65 us apart)",
+    )
     p.add_argument(
         "--sync",
         default="",
