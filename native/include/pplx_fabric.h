@@ -128,6 +128,14 @@ struct pplx_engine_config {
 	 * forever). Waiters spin this long too, driving progress themselves. */
 	uint32_t spin_us;
 	uint32_t sleep_us;
+	/* Past spin_us, while this engine has writes or sends in flight or a
+	 * thread waits on it, the progress thread keeps polling (yielding the
+	 * core between polls) up to busy_poll_us after the last event before it
+	 * naps: shm moves a large write when the target's progress copies it
+	 * and completes it when the sender's progress reads the answer, so a
+	 * nap on either side stalls the transfer. 0 (default) = nap right after
+	 * spin_us (waiters spin and drive progress themselves meanwhile). */
+	uint32_t busy_poll_us;
 };
 
 /* Statistics, a snapshot (pplx_engine_stats). */

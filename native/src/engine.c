@@ -33,6 +33,8 @@ void pplx_engine_config_init(struct pplx_engine_config *cfg)
 	cfg->spin_us = 1000; /* see engine_wait_cond: shorter spins fell back to
 			      * condvar wake-ups, 1 MiB x2 on shm 1 ms instead of 0.25 ms */
 	cfg->sleep_us = 20;
+	cfg->busy_poll_us = 0; /* 20000 made no difference on 2 loaded cores (C-loop
+				* A/B, PERFORMANCE.md); worse at 16 MiB in the Python loop */
 }
 
 static const char *expand_provider(const char *name)
@@ -330,12 +332,13 @@ static void *progress_main(void *arg)
 	const uint64_t spin_ns = (uint64_t)e->cfg.spin_us * 1000;
 	const uint64_t min_nap = (uint64_t)e->cfg.sleep_us * 1000;
 	const uint64_t max_nap = min_nap > IDLE_NAP_MAX_NS ? min_nap : IDLE_NAP_MAX_NS;
+	const uint64_t busy_ns = (uint64_t)e->cfg.busy_poll_us * 1000;
 	uint64_t nap = min_nap;
 
 	/* Timer slack: a 20 us nap should not become the default 50 us. */
 	prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
 	while (!atomic_load(&e->stop)) {
-		bool did;
+		bool did, busy;
 		uint64_t now;
 
 		/* A spinning waiter drives progress itself (engine_wait_cond):
@@ -363,15 +366,22 @@ static void *progress_main(void *arg)
 		}
 		pthread_mutex_lock(&e->lock);
 		did = engine_progress_locked(e);
+		busy = e->tx_inflight || e->pending.head || atomic_load(&e->waiters);
 		pthread_mutex_unlock(&e->lock);
 
 		now = pplx_now_ns();
 		if (did || atomic_exchange(&e->kicked, 0)) {
 			last_event = now;
 			nap = min_nap;
-		} else if (min_nap && now - last_event > spin_ns) {
-			nap_ns(e, nap);
-			nap = nap * 2 > max_nap ? max_nap : nap * 2;
+		} else if (now - last_event > spin_ns) {
+			/* Past the spin: work outstanding keeps us polling, politely,
+			 * for busy_poll_us (see pplx_engine_config); idle, we nap. */
+			if (busy && now - last_event < busy_ns) {
+				sched_yield();
+			} else if (min_nap) {
+				nap_ns(e, nap);
+				nap = nap * 2 > max_nap ? max_nap : nap * 2;
+			}
 		}
 	}
 	return NULL;

@@ -154,6 +154,7 @@ struct pplx_engine {
 
 	struct pplx_op_list pending; /* met -FI_EAGAIN, to be posted */
 	struct pplx_op_list inflight;
+	uint64_t tx_inflight; /* writes and sends in `inflight` (it also holds recv slots) */
 	struct pplx_op *free_ops;
 	uint32_t rr; /* round-robin domain for unsharded ops */
 	uint64_t next_key;

@@ -101,6 +101,8 @@ static void mark_inflight(struct pplx_engine *e, struct pplx_op *op)
 {
 	op->inflight = true;
 	list_push(&e->inflight, op);
+	if (op->kind != OP_RECV)
+		e->tx_inflight++;
 	e->stats.ops_posted++;
 }
 
@@ -111,6 +113,7 @@ void op_complete(struct pplx_engine *e, struct pplx_op *op, int err)
 	if (op->inflight) {
 		list_remove(&e->inflight, op);
 		op->inflight = false;
+		e->tx_inflight--;
 	}
 	if (op->detached)
 		; /* counted when it was detached */

@@ -101,6 +101,8 @@ class FabricBenchConfig:
     # per idle round (None: the engine's defaults; spin_us=0 spins forever).
     spin_us: int | None = None
     sleep_us: int | None = None
+    # ... and past spin_us, while work is outstanding, poll this long before napping.
+    busy_poll_us: int | None = None
     # raw_bench: sched_yield() on an empty CQ instead of spinning (busy machines).
     raw_yield: bool = False
     # Also time each bw size with the engine's C streaming loop (kind "bw_c", no Python per
@@ -539,7 +541,11 @@ def _pplx_body(rank: int, port: int, cfg: FabricBenchConfig, q) -> None:
     buf = _rank_data(cfg, rank)
     # What the peer's buffer held before the run: the receiver checks what arrived against it.
     peer_orig = _rank_data(cfg, peer) if rank == 1 else None
-    knobs = {k: getattr(cfg, k) for k in ("spin_us", "sleep_us") if getattr(cfg, k) is not None}
+    knobs = {
+        k: getattr(cfg, k)
+        for k in ("spin_us", "sleep_us", "busy_poll_us")
+        if getattr(cfg, k) is not None
+    }
     with TransferEngine(provider=cfg.provider, node=cfg.node, **knobs) as eng:
         mr, desc = eng.register_tensor(buf)
         peer_desc = exchange_descriptors(desc)[peer]
@@ -928,6 +934,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--spin-us", type=int, help="engine progress thread spin (0: forever)")
     p.add_argument("--sleep-us", type=int, help="engine progress thread idle nap")
     p.add_argument(
+        "--busy-poll-us",
+        type=int,
+        help="engine progress thread polling past spin-us while work is outstanding (0: off)",
+    )
+    p.add_argument(
         "--raw-poll",
         choices=("spin", "yield", "best"),
         default="best",
@@ -966,6 +977,7 @@ def config_from_args(a: argparse.Namespace) -> FabricBenchConfig:
         ("timeout_s", a.timeout_s),
         ("spin_us", a.spin_us),
         ("sleep_us", a.sleep_us),
+        ("busy_poll_us", a.busy_poll_us),
         ("raw_yield", True if a.raw_poll == "yield" else None),
     ):
         if val is not None:

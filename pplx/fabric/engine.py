@@ -316,6 +316,9 @@ class TransferEngine:
             submission, then naps `sleep_us`, doubling per idle nap up to 250 us (sleep_us 0:
             spin forever, one core busy). Waits spin `spin_us` past their last progress,
             driving progress themselves while the progress thread steps aside.
+        busy_poll_us: past `spin_us`, while writes or sends are in flight or a thread waits,
+            the progress thread keeps polling (yielding the core between polls) this long
+            after the last event before it naps; 0: nap at once (see pplx_fabric.h).
         hmem: ask for FI_HMEM so CUDA memory registers directly (needs a CUDA-enabled
             libfabric, as the AWS EFA installer's).
     """
@@ -334,6 +337,7 @@ class TransferEngine:
         num_recv_slots: int = 64,
         spin_us: int = 1000,
         sleep_us: int = 20,
+        busy_poll_us: int = 0,
         hmem: bool = False,
     ):
         if not isinstance(provider, str) or not provider:
@@ -355,6 +359,7 @@ class TransferEngine:
         cfg.num_recv_slots = _check_int("num_recv_slots", num_recv_slots, 0, 1 << 20)
         cfg.spin_us = _check_int("spin_us", spin_us, 0, 1 << 32)
         cfg.sleep_us = _check_int("sleep_us", sleep_us, 0, 1 << 20)
+        cfg.busy_poll_us = _check_int("busy_poll_us", busy_poll_us, 0, 1 << 32)
         cfg.hmem = bool(hmem)
         if fault_injection is not None:
             cfg.fault_window = _check_int(
