@@ -580,8 +580,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="NAME:KEY=VAL[ KEY=VAL...]",
         help="a Triton variant timed in the same run, its PPLX_MOE_* environment at "
-        "construction (e.g. 'fused:PPLX_MOE_FUSED=1 PPLX_MOE_TILES=4,2,2,1'; an empty list "
-        "is the default); repeat for several; rows are named triton-<NAME>. "
+        "construction (e.g. 'fused:PPLX_MOE_FUSED=1 PPLX_MOE_TILES=4,2,2,1'); repeat for "
+        "several; rows are named triton-<NAME>, and the defaults are timed too (triton-default) "
+        "unless a variant with an empty list names them. "
         "PPLX_MOE_PROF=1 also prints the kernels' clock stamps",
     )
     args = p.parse_args(argv)
@@ -592,6 +593,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not name or any(len(kv) != 2 or not kv[0].startswith("PPLX_MOE_") for kv in pairs):
             p.error(f"--variant {spec!r}: want NAME:PPLX_MOE_KEY=VAL[ ...]")
         variants.append((name, dict(pairs)))
+    if variants and all(env for _, env in variants):
+        # Always time the defaults beside the variants (rows triton-default): a variant is
+        # only worth reading against them, in the same processes.
+        variants.insert(0, ("default", {}))
     args.variant = variants
     args.cases = [c for c in args.cases.split(",") if c]
     args.impls = [c for c in args.impls.split(",") if c]

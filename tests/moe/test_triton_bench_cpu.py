@@ -43,3 +43,13 @@ def test_bench_moe_quick_cpu(tmp_path) -> None:
         } <= impls
     for r in rows:
         assert r["bench"] == "moe" and r["ranks"] == "2" and float(r["p50_us"]) > 0, r
+
+
+def test_bench_moe_variants_keep_the_defaults_beside_them() -> None:
+    from pplx.bench.moe import parse_args
+
+    a = parse_args(["--cpu", "--variant", "fused:PPLX_MOE_FUSED=1"])
+    assert a.variant == [("default", {}), ("fused", {"PPLX_MOE_FUSED": "1"})]
+    # A variant with no settings names the defaults itself: not timed twice.
+    a = parse_args(["--cpu", "--variant", "base:", "--variant", "pb:PPLX_MOE_PB=64"])
+    assert a.variant == [("base", {}), ("pb", {"PPLX_MOE_PB": "64"})]
