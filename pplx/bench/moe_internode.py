@@ -109,7 +109,10 @@ def _rank_main(rank: int, world: int, args: argparse.Namespace, shape: Shape, pe
         ranks_per_node=per_node,
         max_private_tokens=args.max_private_tokens,
         internode=InterNodeOptions(
-            provider=args.provider, nets_per_gpu=args.nets_per_gpu, use_proxy=args.proxy
+            provider=args.provider,
+            nets_per_gpu=args.nets_per_gpu,
+            use_proxy=args.proxy,
+            engine_sleep_us=args.engine_sleep_us,
         ),
     )
     impl = a2a._impl
@@ -251,7 +254,8 @@ def _moe_rows(args, shape: Shape, world: int, per_node: int) -> list[Row]:
                 baseline="baseline all_to_all_single",
                 ratio=b50 / p50 if p50 else 0.0,
                 notes=f"{check}; {r0['fabric_path']}; poster {r0['poster']}; "
-                f"intra {r0['intra']}; Q={r0['max_private']}",
+                f"intra {r0['intra']}; Q={r0['max_private']}"
+                + ("" if args.engine_sleep_us is None else f"; sleep_us={args.engine_sleep_us}"),
                 **common,
             )
         )
@@ -531,6 +535,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--provider", default=os.environ.get("PPLX_MOE_PROVIDER", "shm"))
     p.add_argument("--nets-per-gpu", type=int, default=1)
     p.add_argument("--proxy", action="store_true", help="post writes through the C host proxy")
+    p.add_argument(
+        "--engine-sleep-us",
+        type=int,
+        default=None,
+        help="inter-node engines' progress nap (0: poll without napping; default: the engine's)",
+    )
     p.add_argument("--roundtrips", type=int, default=2000)
     p.add_argument("--bw-iters", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="tiny shapes, few iterations (CPU)")

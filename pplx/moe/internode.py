@@ -120,6 +120,10 @@ class InterNodeOptions:
         timeout_s: every wait for a peer gives up after this long with an error naming it.
         fault_injection: reorder and delay immediates (testing); None reads the env.
         use_proxy: post writes through the C host proxy's ring instead of from Python.
+        engine_sleep_us: the engine progress thread's idle nap (None: the engine's default,
+            20 us doubling to 250 us; 0: it polls without napping, one core per rank). A
+            large shm write completes with the target's progress, so while a rank is busy
+            elsewhere its peers' writes move at this pace; GPU hosts have cores to spare.
     """
 
     provider: str | None = None
@@ -129,6 +133,7 @@ class InterNodeOptions:
     timeout_s: float = 60.0
     fault_injection: FaultInjection | None = None
     use_proxy: bool = False
+    engine_sleep_us: int | None = None
 
 
 @dataclasses.dataclass
@@ -363,6 +368,8 @@ class InterNodeAllToAll:
         kw: dict[str, Any] = {}
         if opts.shard_threshold is not None:
             kw["shard_threshold"] = opts.shard_threshold
+        if opts.engine_sleep_us is not None:
+            kw["sleep_us"] = opts.engine_sleep_us
         self.engine = TransferEngine(
             provider,
             num_domains=opts.nets_per_gpu,

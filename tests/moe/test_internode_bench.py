@@ -12,6 +12,7 @@ def test_quick_bench_writes_rows(tmp_path, capsys):
     path = tmp_path / "rows.csv"
     rc = moe_internode.main(
         ["--quick", "--ranks", "4", "--csv", str(path), "--roundtrips", "50", "--proxy"]
+        + ["--engine-sleep-us", "0"]
     )
     assert rc == 0
     out = capsys.readouterr().out
@@ -22,6 +23,7 @@ def test_quick_bench_writes_rows(tmp_path, capsys):
     for phase in ("dispatch", "combine"):
         r = by[(f"quick {phase}", "pplx-internode")]
         assert "same as baseline" in r["notes"] and "poster proxy" in r["notes"], r
+        assert "sleep_us=0" in r["notes"], r
         assert r["ranks"] == "4" and r["ranks_per_node"] == "2"
         assert float(r["p50_us"]) > 0 and int(r["bytes"]) > 0
         assert (f"quick {phase}", "baseline all_to_all_single") in by
