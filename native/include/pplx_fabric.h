@@ -136,6 +136,11 @@ struct pplx_engine_config {
 	 * nap on either side stalls the transfer. 0 (default) = nap right after
 	 * spin_us (waiters spin and drive progress themselves meanwhile). */
 	uint32_t busy_poll_us;
+	/* While a waiter spins (it drives progress itself), and for aside_us
+	 * after one succeeded, the progress thread naps aside_us at a time
+	 * instead of polling. 0 = never step aside (the progress thread polls
+	 * beside a spinning waiter and competes for the engine lock). */
+	uint32_t aside_us;
 };
 
 /* Statistics, a snapshot (pplx_engine_stats). */

@@ -15,7 +15,6 @@
 #include "internal.h"
 
 #define CQ_BATCH 32
-#define ASIDE_NS 1000000 /* nap while a waiter spins and drives progress */
 #define IDLE_NAP_MAX_NS 250000 /* longest idle nap: first event after silence */
 #define CQ_SIZE 16384 /* entries; remote-write events can outpace one thread's sleeps */
 
@@ -35,6 +34,7 @@ void pplx_engine_config_init(struct pplx_engine_config *cfg)
 	cfg->sleep_us = 20;
 	cfg->busy_poll_us = 0; /* 20000 made no difference on 2 loaded cores (C-loop
 				* A/B, PERFORMANCE.md); worse at 16 MiB in the Python loop */
+	cfg->aside_us = 1000; /* see progress_main */
 }
 
 static const char *expand_provider(const char *name)
@@ -307,7 +307,8 @@ static void nap_ns(struct pplx_engine *e, uint64_t ns)
 
 bool engine_progress_aside(struct pplx_engine *e)
 {
-	return atomic_load(&e->spinners) || pplx_now_ns() - atomic_load(&e->spun_ns) < ASIDE_NS;
+	return e->aside_ns &&
+	       (atomic_load(&e->spinners) || pplx_now_ns() - atomic_load(&e->spun_ns) < e->aside_ns);
 }
 
 void engine_wake_progress(struct pplx_engine *e)
@@ -342,7 +343,7 @@ static void *progress_main(void *arg)
 		uint64_t now;
 
 		/* A spinning waiter drives progress itself (engine_wait_cond):
-		 * step aside while one spins or one succeeded within ASIDE_NS
+		 * step aside while one spins or one succeeded within aside_us
 		 * (it will likely post and wait again), rarely waking: every
 		 * wake-up can preempt the spinner, which on a loaded box then
 		 * waits a whole time slice (p80 of an 8 B ping-pong: 6 us with
@@ -350,7 +351,7 @@ static void *progress_main(void *arg)
 		 * busy threads per process halve a 2-core box's copy bandwidth.
 		 * A waiter that stops spinning unsuccessfully wakes us. */
 		if (engine_progress_aside(e)) {
-			nap_ns(e, ASIDE_NS);
+			nap_ns(e, e->aside_ns);
 			last_event = pplx_now_ns();
 			continue;
 		}
@@ -406,6 +407,7 @@ int pplx_engine_create(const struct pplx_engine_config *cfg, struct pplx_engine 
 	e->cfg.provider = NULL; /* not owned; copied below */
 	e->cfg.node = NULL;
 	e->n = (int)cfg->num_domains;
+	e->aside_ns = (uint64_t)cfg->aside_us * 1000;
 	e->next_key = 1;
 	e->rng = cfg->fault_seed ? cfg->fault_seed : 0x9E3779B97F4A7C15ull;
 	snprintf(e->provider, sizeof(e->provider), "%s", expand_provider(cfg->provider));

@@ -142,6 +142,7 @@ struct pplx_engine {
 	_Atomic int waiters;
 	_Atomic int spinners; /* waiters in their spin phase, driving progress */
 	_Atomic uint64_t spun_ns; /* when a spinning waiter last succeeded */
+	uint64_t aside_ns; /* cfg.aside_us: the progress thread's step-aside */
 	_Atomic int kicked; /* a submission happened: progress thread, spin again */
 	pthread_mutex_t nap_lock; /* the progress thread naps on nap_cv */
 	pthread_cond_t nap_cv;

@@ -176,11 +176,11 @@ int op_submit(struct pplx_engine *e, struct pplx_op *op)
 		if (rc == 0) {
 			mark_inflight(e, op);
 			atomic_store(&e->kicked, 1);
-			/* No wake-up while a waiter spins or spun within ASIDE_NS: the
+			/* No wake-up while a waiter spins or spun within aside_us: the
 			 * progress thread would only see that and nap again, and each
 			 * such wake-up is a futex call plus a context switch per post
 			 * (on 2 cores, 8 B submit_write 7.1 -> see PERFORMANCE.md).
-			 * It returns within ASIDE_NS by itself, and a waiter that
+			 * It returns within aside_us by itself, and a waiter that
 			 * stops spinning wakes it (engine_wait_cond). */
 			if (atomic_load(&e->napping) && !engine_progress_aside(e))
 				engine_wake_progress(e);

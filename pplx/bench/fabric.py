@@ -1,7 +1,7 @@
 """TransferEngine against plain libfabric: latency, bandwidth and paged writes, two processes.
 
     python -m pplx.bench fabric --provider shm|tcp [--sizes 4K,1M,64M] [--iters N]
-        [--reps N] [--page-sizes 1K,64K] [--quick] [--csv PATH] [--png PATH]
+        [--reps N] [--page-sizes 1K,64K] [--pin auto|none] [--quick] [--csv PATH] [--png PATH]
 
 Runs the same three measurements twice in one run, each with two processes on this machine:
 
@@ -26,6 +26,13 @@ Measurements (the pattern is the same in both):
 - `paged`: per page size, a rep is `num_pages` page writes (random source pages to random
   destination pages, a permutation), one immediate per page, acked as in `bw`; pplx posts
   them with one `submit_paged_writes`, raw posts them all without a window.
+
+Placement (`--pin auto`, the default): on a machine with more than 4 CPUs each rank is pinned
+to 2 physical cores of one L3 (else one package), cpus 0-1 left out, rank 0 (raw client, pplx
+sender) and rank 1 (raw server, pplx receiver) on disjoint cores, the SAME cores for raw and
+pplx; the CSV notes name them ("pin r0=2,3 r1=4,5"). Unpinned, on a 64-core host the two
+ranks landed on different L3s or sockets from run to run, differently for raw and pplx (the
+8-byte latency came out bimodal). With 4 CPUs or fewer nothing is pinned.
 
 Rows go through `pplx.bench.common.emit` (CSV default
 `experiments/results/fabric/fabric_<provider>.csv`); `ratio` is raw_p50 / pplx_p50 (> 1:
@@ -103,11 +110,16 @@ class FabricBenchConfig:
     sleep_us: int | None = None
     # ... and past spin_us, while work is outstanding, poll this long before napping.
     busy_poll_us: int | None = None
+    # ... and while a waiter spins, nap aside_us at a time instead of polling (0: never).
+    aside_us: int | None = None
     # raw_bench: sched_yield() on an empty CQ instead of spinning (busy machines).
     raw_yield: bool = False
     # Also time each bw size with the engine's C streaming loop (kind "bw_c", no Python per
     # write; TransferEngine.measure_stream), to tell Python's share from the engine's.
     engine_bw: bool = False
+    # CPUs per rank (rank 0: raw client / pplx sender; rank 1: raw server / pplx receiver),
+    # the same for raw and pplx; None: not pinned. `pin_plan` picks them for `--pin auto`.
+    pin: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
     def __post_init__(self) -> None:
         if self.provider not in ("shm", "tcp"):
@@ -126,6 +138,10 @@ class FabricBenchConfig:
         bad = [t for t in self.tests if t not in KINDS]
         if bad or not self.tests:
             raise ValueError(f"tests must be a non-empty subset of {KINDS}, got {self.tests}")
+        if self.pin is not None and (
+            len(self.pin) != 2 or not all(self.pin) or any(c < 0 for r in self.pin for c in r)
+        ):
+            raise ValueError(f"pin must be two non-empty CPU sets, got {self.pin}")
 
     @property
     def libfabric_provider(self) -> str:
@@ -242,6 +258,105 @@ def cpu_model() -> str:
     import platform
 
     return platform.processor() or platform.machine()
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuTopo:
+    """Where a logical CPU sits: its package (socket), physical core and L3 cache."""
+
+    package: int
+    core: int
+    l3: str
+
+
+def read_topology(cpus: Sequence[int]) -> dict[int, CpuTopo]:
+    """CpuTopo per CPU from /sys/devices/system/cpu (missing entries: package 0, a core of
+    its own, one shared L3)."""
+
+    def read(cpu: int, rel: str) -> str | None:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/{rel}") as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+    out = {}
+    for c in cpus:
+        pkg = read(c, "topology/physical_package_id")
+        core = read(c, "topology/core_id")
+        l3 = read(c, "cache/index3/shared_cpu_list")
+        out[c] = CpuTopo(
+            int(pkg) if pkg and pkg.lstrip("-").isdigit() else 0,
+            int(core) if core and core.lstrip("-").isdigit() else 1_000_000 + c,
+            f"{pkg}:{l3}" if l3 else f"{pkg}:",
+        )
+    return out
+
+
+def pin_plan(
+    cpus: Sequence[int] | None = None,
+    topo: dict[int, CpuTopo] | None = None,
+    per_rank: int = 2,
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """CPUs for rank 0 and rank 1 (`per_rank` each), or None on a machine of <= 4 CPUs.
+
+    One logical CPU per physical core (no SMT siblings shared between the waiter and the
+    progress thread), all four cores under one L3 if one has them, else in one package, else
+    any; cpus of the first two physical cores are left out (interrupts, housekeeping) when
+    enough remain. Both implementations get the same plan, so raw and pplx are placed alike.
+    """
+    allowed = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
+    need = 2 * per_rank
+    if len(allowed) <= 4:
+        return None
+    topo = topo if topo is not None else read_topology(allowed)
+    firsts, seen = [], set()
+    for c in allowed:  # one logical CPU per physical core
+        key = (topo[c].package, topo[c].core)
+        if key not in seen:
+            seen.add(key)
+            firsts.append(c)
+    if len(firsts) < need:
+        return None
+    cands = firsts[2:] if len(firsts) >= need + 2 else firsts
+    pick = None
+    for group_of in (lambda c: topo[c].l3, lambda c: topo[c].package):
+        groups: dict = collections.defaultdict(list)
+        for c in cands:
+            groups[group_of(c)].append(c)
+        full = [g for g in groups.values() if len(g) >= need]
+        if full:
+            pick = full[0][:need]
+            break
+    pick = pick or cands[:need]
+    return tuple(pick[:per_rank]), tuple(pick[per_rank:need])
+
+
+def parse_pin(text: str) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """`--pin`: 'auto' (pin_plan), 'none', or 'A,B:C,D' (rank 0's CPUs : rank 1's)."""
+    if text == "auto":
+        return pin_plan()
+    if text == "none":
+        return None
+    try:
+        r0, r1 = (tuple(int(c) for c in part.split(",")) for part in text.split(":"))
+    except ValueError:
+        raise ValueError(f"--pin {text!r}: expected auto, none or CPU lists like 2,3:4,5") from None
+    if not r0 or not r1:
+        raise ValueError(f"--pin {text!r}: each rank needs at least one CPU")
+    return r0, r1
+
+
+def pin_note(pin: tuple[tuple[int, ...], ...] | None) -> str:
+    """'pin r0=2,3 r1=4,5' (CSV notes), or '' when not pinned."""
+    if not pin:
+        return ""
+    return "pin " + " ".join(f"r{r}={','.join(map(str, cs))}" for r, cs in enumerate(pin))
+
+
+def _pin_self(cores: Sequence[int]) -> None:
+    """Pin the calling process (threads it starts later inherit the mask)."""
+    os.sched_setaffinity(0, cores)
 
 
 def free_port() -> int:
@@ -397,12 +512,15 @@ def run_raw(
         readers: list[threading.Thread] = []
 
         def start(role: str, port: int, err) -> queue.Queue:
+            # The client is rank 0 (initiator, sender), the server rank 1, as in pplx.
+            cores = cfg.pin[role == "server"] if cfg.pin else None
             p = subprocess.Popen(
                 [binary, f"--role={role}", f"--port={port}", *raw_args(cfg)],
                 stdout=subprocess.PIPE,
                 stderr=err,
                 text=True,
                 env=env,
+                preexec_fn=(lambda: _pin_self(cores)) if cores else None,
             )
             procs.append(p)
             lines: queue.Queue = queue.Queue()
@@ -514,6 +632,8 @@ def _check_arrived(
 def _pplx_worker(rank: int, port: int, cfg: FabricBenchConfig, q) -> None:
     """One of two processes: rank 0 sends (and reports), rank 1 receives and acks."""
     try:
+        if cfg.pin:
+            _pin_self(cfg.pin[rank])  # before torch, gloo and the engine start threads
         _pplx_body(rank, port, cfg, q)
         q.put(("done", rank, None))
     except BaseException:
@@ -543,7 +663,7 @@ def _pplx_body(rank: int, port: int, cfg: FabricBenchConfig, q) -> None:
     peer_orig = _rank_data(cfg, peer) if rank == 1 else None
     knobs = {
         k: getattr(cfg, k)
-        for k in ("spin_us", "sleep_us", "busy_poll_us")
+        for k in ("spin_us", "sleep_us", "busy_poll_us", "aside_us")
         if getattr(cfg, k) is not None
     }
     with TransferEngine(provider=cfg.provider, node=cfg.node, **knobs) as eng:
@@ -807,7 +927,7 @@ def to_rows(
                 dtype="uint8",
                 bytes=meas.bytes,
                 gbps_fabric=gbps,
-                notes="; ".join(x for x in (notes, meas.notes) if x),
+                notes="; ".join(x for x in (notes, meas.notes, pin_note(cfg.pin)) if x),
             )
             if impl == "pplx" and base is not None:
                 row.baseline = "raw"
@@ -939,6 +1059,18 @@ def make_parser() -> argparse.ArgumentParser:
         help="engine progress thread polling past spin-us while work is outstanding (0: off)",
     )
     p.add_argument(
+        "--aside-us",
+        type=int,
+        help="engine progress thread step-aside nap while a waiter spins (0: never step aside)",
+    )
+    p.add_argument(
+        "--pin",
+        default="auto",
+        help="auto: on > 4 CPUs, pin each rank to 2 cores of one L3/socket, the same for raw "
+        "and pplx (CSV notes name them); none: let the scheduler place them; or CPU lists "
+        "of rank 0 and rank 1, e.g. 2,3:4,5",
+    )
+    p.add_argument(
         "--raw-poll",
         choices=("spin", "yield", "best"),
         default="best",
@@ -978,12 +1110,14 @@ def config_from_args(a: argparse.Namespace) -> FabricBenchConfig:
         ("spin_us", a.spin_us),
         ("sleep_us", a.sleep_us),
         ("busy_poll_us", a.busy_poll_us),
+        ("aside_us", a.aside_us),
         ("raw_yield", True if a.raw_poll == "yield" else None),
     ):
         if val is not None:
             kw[field] = val
     if a.engine_bw:
         kw["engine_bw"] = True
+    kw["pin"] = parse_pin(a.pin)
     if a.tests:
         kw["tests"] = tuple(t.strip() for t in a.tests.split(",") if t.strip())
     return FabricBenchConfig(**kw)
@@ -1049,7 +1183,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# targets (issue 2, stated for shm; provider here: {cfg.provider}); {a.rounds} "
         f"round(s) of raw then pplx, {time.monotonic() - t0:.0f} s; load average {load:.1f} "
-        f"on {os.cpu_count()} CPUs ({cpu_model()})"
+        f"on {os.cpu_count()} CPUs ({cpu_model()}); {pin_note(cfg.pin) or 'not pinned'}"
     )
     for c in checks:
         print(c.line())

@@ -319,6 +319,9 @@ class TransferEngine:
         busy_poll_us: past `spin_us`, while writes or sends are in flight or a thread waits,
             the progress thread keeps polling (yielding the core between polls) this long
             after the last event before it naps; 0: nap at once (see pplx_fabric.h).
+        aside_us: while a waiter spins (driving progress itself), and this long after one
+            succeeded, the progress thread naps `aside_us` at a time instead of polling; 0:
+            never step aside (it polls beside the waiter and competes for the lock).
         hmem: ask for FI_HMEM so CUDA memory registers directly (needs a CUDA-enabled
             libfabric, as the AWS EFA installer's).
     """
@@ -338,6 +341,7 @@ class TransferEngine:
         spin_us: int = 1000,
         sleep_us: int = 20,
         busy_poll_us: int = 0,
+        aside_us: int = 1000,
         hmem: bool = False,
     ):
         if not isinstance(provider, str) or not provider:
@@ -360,6 +364,7 @@ class TransferEngine:
         cfg.spin_us = _check_int("spin_us", spin_us, 0, 1 << 32)
         cfg.sleep_us = _check_int("sleep_us", sleep_us, 0, 1 << 20)
         cfg.busy_poll_us = _check_int("busy_poll_us", busy_poll_us, 0, 1 << 32)
+        cfg.aside_us = _check_int("aside_us", aside_us, 0, 1 << 32)
         cfg.hmem = bool(hmem)
         if fault_injection is not None:
             cfg.fault_window = _check_int(

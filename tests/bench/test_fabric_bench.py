@@ -163,3 +163,44 @@ def test_engine_bw_rows(tmp_path):
     assert [(r["case"], r["bytes"], r["impl"]) for r in rows] == want
     for r in rows:
         assert float(r["gbps_fabric"]) > 0 and r["notes"], r
+
+
+def _topo(packages: int, cores: int, threads: int) -> dict[int, fabric.CpuTopo]:
+    """Linux numbering: CPU c is core c % (packages*cores); its SMT sibling c + that count;
+    one L3 per package."""
+    n = packages * cores
+    return {
+        c: fabric.CpuTopo(package=(c % n) // cores, core=c % cores, l3=str((c % n) // cores))
+        for c in range(n * threads)
+    }
+
+
+def test_pin_plan_same_l3_distinct_cores():
+    # 2 sockets x 16 cores x 2 threads (a 64-vCPU host): cpus 0-1 left out, four physical
+    # cores of socket 0, no SMT siblings shared.
+    assert fabric.pin_plan(range(64), _topo(2, 16, 2)) == ((2, 3), (4, 5))
+    # Socket 0 allowed only partly (cpus 13-15 + the others on socket 1): the plan moves to
+    # the L3 that has four eligible cores.
+    cpus = [0, 1, 13, 14, 15] + list(range(16, 32))
+    assert fabric.pin_plan(cpus, _topo(2, 16, 1)) == ((16, 17), (18, 19))
+    # Siblings of one core count once: 3 physical cores are too few for 2 ranks x 2 cores.
+    assert fabric.pin_plan([0, 1, 2, 6, 7, 8], _topo(1, 6, 2)) is None  # cores 0-2 only
+    # <= 4 CPUs (the CI VM): no pinning at all.
+    assert fabric.pin_plan([0, 1], _topo(1, 2, 1)) is None
+    assert fabric.pin_plan(range(4), _topo(1, 4, 1)) is None
+
+
+def test_pin_parse_note_and_config():
+    assert fabric.parse_pin("none") is None
+    assert fabric.parse_pin("2,3:4,5") == ((2, 3), (4, 5))
+    assert fabric.pin_note(((2, 3), (4, 5))) == "pin r0=2,3 r1=4,5"
+    assert fabric.pin_note(None) == ""
+    for bad in ("2,3", "a:b", ":4"):
+        with pytest.raises(ValueError, match="--pin"):
+            fabric.parse_pin(bad)
+    with pytest.raises(ValueError, match="pin must be"):
+        fabric.FabricBenchConfig(pin=((1,), ()))
+    # Rows name the placement in their notes.
+    cfg = fabric.FabricBenchConfig(pin=((0,), (1,)))
+    rows = fabric.to_rows(cfg, [], [fabric.Measurement("lat", 8, 1, [1.0])])
+    assert rows[0].notes.endswith("pin r0=0 r1=1")

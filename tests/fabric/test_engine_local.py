@@ -666,3 +666,58 @@ def test_measure_stream_in_c(pair):
     assert b.imm_counter(0xFFF2).count == 0 and a.imm_counter(0xFFF3).count == 0  # consumed
     with pytest.raises(InvalidArgument, match="window"):
         a.measure_stream(src_mr, dst_desc, 1, 1, 8, initiator=True, window=0)
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        dict(aside_us=0),  # the progress thread never steps aside: it polls beside waiters
+        dict(aside_us=20000),  # long step-aside naps: posts after a wait rely on its return
+        dict(busy_poll_us=5000, spin_us=50),
+    ],
+    ids=["aside0", "aside20ms", "busy_poll"],
+)
+def test_progress_policies_move_data_exactly(knobs):
+    # Every policy knob changes who drives progress and when, never what arrives: a
+    # ping-pong (waiters spin), then a burst of writes waited for only by request (no imm
+    # waiter: the progress thread must complete them, also after a long step-aside).
+    a, b = make("shm", **knobs), make("shm", **knobs)
+    try:
+        src = rand_bytes(1 << 20, seed=21)
+        dst = poisoned(1 << 20)
+        src_mr, _ = a.register_tensor(src)
+        _, dst_desc = b.register_tensor(dst)
+        b_mr, _ = b.register_tensor(rand_bytes(64, seed=22))
+        _, a_desc = a.register_tensor(poisoned(64))
+        errors = []
+
+        def responder():
+            try:
+                b.measure_pingpong(b_mr, a_desc, 200, initiator=False, timeout=TIMEOUT)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        import threading
+
+        t = threading.Thread(target=responder)
+        t.start()
+        a.measure_pingpong(src_mr, dst_desc, 200, initiator=True, timeout=TIMEOUT)
+        t.join(TIMEOUT)
+        assert not errors and not t.is_alive()
+        reqs = [
+            a.submit_write(src_mr, dst_desc, 4096 * 3 + 5, src_offset=o, dst_offset=o, imm=7)
+            for o in range(8, 1 << 20, 4096 * 4)
+        ]
+        for r in reqs:
+            r.wait(timeout=TIMEOUT)
+        b.imm_counter(7).wait(len(reqs), timeout=TIMEOUT)
+        n = 4096 * 3 + 5
+        want = poisoned(1 << 20)
+        want[:8] = src[:8]  # the ping-pong's 8-byte writes
+        for o in range(8, 1 << 20, 4096 * 4):
+            want[o : o + n] = src[o : o + n]
+        bad = (dst != want).nonzero().flatten()
+        assert bad.numel() == 0, f"{bad.numel()} bytes differ, first at {int(bad[0])}"
+    finally:
+        a.close()
+        b.close()
