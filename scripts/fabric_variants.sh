@@ -48,9 +48,10 @@ args_of() {
 head -12 "$OUT/host.txt"
 
 COMMON="--provider shm --rounds 2 --tests lat,bw --sizes 1M,4M,16M,64M --no-png --no-progress"
+est=$PER_RUN_S # a run's expected seconds: the last run's time + 5 once there is one
 for v in $VARIANTS; do
   a=$(args_of "$v") || continue
-  if ((SECONDS + PER_RUN_S > BUDGET_S)); then
+  if ((SECONDS + est > BUDGET_S)); then
     echo "== $v skipped: ${SECONDS}s of ${BUDGET_S}s used"
     continue
   fi
@@ -58,6 +59,7 @@ for v in $VARIANTS; do
   # shellcheck disable=SC2086
   timeout "$PER_RUN_S" $PY -m pplx.bench fabric $COMMON $a --csv "$TMP/$v.csv" >"$TMP/$v.log" 2>&1
   rc=$?
+  est=$((SECONDS - t0 + 5))
   echo "== $v rc=$rc $((SECONDS - t0))s: $a"
   { echo "===== $v rc=$rc: $a"; cat "$TMP/$v.log"; } >>"$OUT/variants.log"
   grep -E '^(PASS|MISS)|^# targets' "$TMP/$v.log" | sed 's/^/   /'
