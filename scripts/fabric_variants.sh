@@ -16,6 +16,8 @@ PY=${PY:-python3}
 BUDGET_S=${BUDGET_S:-190}
 PER_RUN_S=${PER_RUN_S:-45}
 VARIANTS=${VARIANTS:-"pin nopin pin_busy pin_aside0 pin_spin pin_aside20"}
+# 2026-11-28 on the 4x H100 host (PERFORMANCE.md, Fabric): 5 variants in ~170 s; pin_aside20
+# was skipped by the budget. Next: e.g. VARIANTS="nopin nopin_rawspin aside20 nopin_busy".
 mkdir -p "$OUT"
 TMP=$(mktemp -d /tmp/fabric_variants.XXXXXX)
 export PYTHONUNBUFFERED=1
@@ -29,6 +31,11 @@ args_of() {
     pin_aside20) echo "--pin auto --aside-us 20000" ;;
     pin_spin) echo "--pin auto --spin-us 20000" ;;
     pin_sleep0) echo "--pin auto --sleep-us 0" ;;
+    aside20) echo "--pin none --aside-us 20000" ;;
+    nopin_busy) echo "--pin none --busy-poll-us 20000" ;;
+    # raw_bench once per round (spin) instead of the faster of spin and yield per case: as
+    # many runs as pplx gets, so that run-to-run spread does not favour one side.
+    nopin_rawspin) echo "--pin none --raw-poll spin" ;;
     *) echo "unknown variant $1" >&2; return 1 ;;
   esac
 }

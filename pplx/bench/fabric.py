@@ -1,7 +1,8 @@
 """TransferEngine against plain libfabric: latency, bandwidth and paged writes, two processes.
 
     python -m pplx.bench fabric --provider shm|tcp [--sizes 4K,1M,64M] [--iters N]
-        [--reps N] [--page-sizes 1K,64K] [--pin auto|none] [--quick] [--csv PATH] [--png PATH]
+        [--reps N] [--page-sizes 1K,64K] [--pin none|auto|A,B:C,D] [--quick] [--csv PATH]
+        [--png PATH]
 
 Runs the same three measurements twice in one run, each with two processes on this machine:
 
@@ -27,12 +28,13 @@ Measurements (the pattern is the same in both):
   destination pages, a permutation), one immediate per page, acked as in `bw`; pplx posts
   them with one `submit_paged_writes`, raw posts them all without a window.
 
-Placement (`--pin auto`, the default): on a machine with more than 4 CPUs each rank is pinned
-to 2 physical cores of one L3 (else one package), cpus 0-1 left out, rank 0 (raw client, pplx
-sender) and rank 1 (raw server, pplx receiver) on disjoint cores, the SAME cores for raw and
-pplx; the CSV notes name them ("pin r0=2,3 r1=4,5"). Unpinned, on a 64-core host the two
-ranks landed on different L3s or sockets from run to run, differently for raw and pplx (the
-8-byte latency came out bimodal). With 4 CPUs or fewer nothing is pinned.
+Placement (`--pin`, default `none`: the scheduler places the ranks). `--pin auto`: on a
+machine with more than 4 CPUs each rank is pinned to 2 physical cores of one L3 (else one
+package), cpus 0-1 left out, rank 0 (raw client, pplx sender) and rank 1 (raw server, pplx
+receiver) on disjoint cores, the SAME cores for raw and pplx; with 4 CPUs or fewer nothing is
+pinned. `--pin 2,3:4,5` names the CPUs. The CSV notes name them ("pin r0=2,3 r1=4,5"). Not
+the default: on the 4x H100 host (a 64-vCPU KVM guest, one socket and one L3 as the guest
+sees it) pinning left raw unchanged and did not make pplx steadier (PERFORMANCE.md, Fabric).
 
 Rows go through `pplx.bench.common.emit` (CSV default
 `experiments/results/fabric/fabric_<provider>.csv`); `ratio` is raw_p50 / pplx_p50 (> 1:
@@ -1065,10 +1067,10 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--pin",
-        default="auto",
-        help="auto: on > 4 CPUs, pin each rank to 2 cores of one L3/socket, the same for raw "
-        "and pplx (CSV notes name them); none: let the scheduler place them; or CPU lists "
-        "of rank 0 and rank 1, e.g. 2,3:4,5",
+        default="none",
+        help="none (default): the scheduler places the ranks; auto: on > 4 CPUs, pin each "
+        "rank to 2 cores of one L3/socket, the same for raw and pplx (CSV notes name them); "
+        "or CPU lists of rank 0 and rank 1, e.g. 2,3:4,5",
     )
     p.add_argument(
         "--raw-poll",
