@@ -283,7 +283,7 @@ bool engine_progress_locked(struct pplx_engine *e)
 		imm_release_held(e, false, &did);
 	if (atomic_load_explicit(&e->reap_dead, memory_order_relaxed))
 		watch_reap_locked(e, &did);
-	if (did && atomic_load(&e->waiters))
+	if (did && e->sleepers)
 		pthread_cond_broadcast(&e->cv);
 	return did;
 }
@@ -306,10 +306,22 @@ static void nap_ns(struct pplx_engine *e, uint64_t ns)
 	pthread_mutex_unlock(&e->nap_lock);
 }
 
+/* Progress thread only: step aside while a waiter spins, or one succeeded
+ * since the last look (within about aside_ns: the look before was at the end
+ * of the previous nap). Clearing `spun` here, not comparing clocks, keeps the
+ * waiters' and the posters' hot paths free of clock reads. */
+static bool progress_step_aside(struct pplx_engine *e)
+{
+	if (!e->aside_ns)
+		return false;
+	if (atomic_load(&e->spinners))
+		return true;
+	return atomic_load_explicit(&e->spun, memory_order_relaxed) && atomic_exchange(&e->spun, 0);
+}
+
 bool engine_progress_aside(struct pplx_engine *e)
 {
-	return e->aside_ns &&
-	       (atomic_load(&e->spinners) || pplx_now_ns() - atomic_load(&e->spun_ns) < e->aside_ns);
+	return atomic_load_explicit(&e->aside_nap, memory_order_relaxed);
 }
 
 void engine_wake_progress(struct pplx_engine *e)
@@ -344,15 +356,17 @@ static void *progress_main(void *arg)
 		uint64_t now;
 
 		/* A spinning waiter drives progress itself (engine_wait_cond):
-		 * step aside while one spins or one succeeded within aside_us
+		 * step aside while one spins or one succeeded since our last look
 		 * (it will likely post and wait again), rarely waking: every
 		 * wake-up can preempt the spinner, which on a loaded box then
 		 * waits a whole time slice (p80 of an 8 B ping-pong: 6 us with
 		 * 20 us naps, 1.2 us with 1 ms; shm, 2 loaded cores), and two
 		 * busy threads per process halve a 2-core box's copy bandwidth.
 		 * A waiter that stops spinning unsuccessfully wakes us. */
-		if (engine_progress_aside(e)) {
+		if (progress_step_aside(e)) {
+			atomic_store_explicit(&e->aside_nap, 1, memory_order_relaxed);
 			nap_ns(e, e->aside_ns);
+			atomic_store_explicit(&e->aside_nap, 0, memory_order_relaxed);
 			last_event = pplx_now_ns();
 			continue;
 		}

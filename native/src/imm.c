@@ -31,11 +31,30 @@ static uint64_t rng_next(struct pplx_engine *e)
 	return e->rng * 0x2545F4914F6CDD1Dull;
 }
 
+/* Subtract n from a counter if it holds at least n, atomically (CAS): waiters
+ * that consume, pplx_imm_consume and consuming triggers all take arrivals this
+ * way, so none takes what another took and a counter never wraps below 0, with
+ * no engine lock (arrivals only ever add). */
+static bool imm_take(uint64_t *counter, uint64_t n)
+{
+	uint64_t v = __atomic_load_n(counter, __ATOMIC_RELAXED);
+
+	do {
+		if (v < n)
+			return false;
+	} while (!__atomic_compare_exchange_n(counter, &v, v - n, true, __ATOMIC_ACQ_REL,
+					      __ATOMIC_RELAXED));
+	return true;
+}
+
+/* Lock held. A consuming trigger fires only if it can take its n arrivals (a
+ * consumer may have taken some since they were counted); else it stays armed
+ * for the next arrival. */
 static void fire(struct pplx_engine *e, uint32_t imm, struct pplx_trigger *t)
 {
+	if (t->consume && !imm_take(&e->imm_table[imm], t->n))
+		return;
 	t->armed = false;
-	if (t->consume)
-		__atomic_sub_fetch(&e->imm_table[imm], t->n, __ATOMIC_RELEASE);
 	__atomic_store_n(t->flag, t->value, __ATOMIC_RELEASE);
 }
 
@@ -96,49 +115,82 @@ void imm_release_held(struct pplx_engine *e, bool all, bool *did)
 /* Wait until cond(arg); the caller counts itself in e->waiters for its whole
  * call, so that pplx_engine_destroy waits for it to leave. */
 #define YIELD_AFTER_NS 20000 /* spin this long without progress, then yield between polls */
+#define SPIN_CLOCK_EVERY 4 /* polls per clock read while spinning */
 
 int engine_wait_cond(struct pplx_engine *e, bool (*cond)(void *), void *arg, int64_t timeout_us)
 {
-	uint64_t start = pplx_now_ns(), now = start;
-	uint64_t deadline = timeout_us < 0 ? UINT64_MAX : start + (uint64_t)timeout_us * 1000;
+	uint64_t t0 = 0;
+
+	return engine_wait_cond_from(e, cond, arg, timeout_us, &t0);
+}
+
+/* The same; the timeout counts from *t0, or from now if *t0 is 0 (then set
+ * to now, if the wait had to read the clock at all): a caller that waits
+ * again (another consumer was first) keeps one deadline. */
+int engine_wait_cond_from(struct pplx_engine *e, bool (*cond)(void *), void *arg,
+			  int64_t timeout_us, uint64_t *t0)
+{
 	uint64_t spin_ns = (uint64_t)e->cfg.spin_us * 1000;
+	uint64_t now, deadline;
 	int rc;
 
+	if (cond(arg))
+		return 0;
 	/* Spin first: a completion usually lands within microseconds, and a
 	 * condition-variable wake-up costs more than that. While spinning, this
 	 * thread drives progress itself (the progress thread steps aside), so a
 	 * ping-pong needs one busy thread per process, not two: on a box with
 	 * fewer cores than spinning threads, the scheduler otherwise makes every
-	 * round trip wait for a time slice (milliseconds). */
+	 * round trip wait for a time slice (milliseconds).
+	 * The clock is read once per SPIN_CLOCK_EVERY polls, and not before the
+	 * first ones: at ~40 ns a read (this VM), the six reads per wait this loop
+	 * and its callers used to make were a third of the engine's cost over
+	 * raw libfabric in an 8 B ping-pong. The timeout therefore counts from a
+	 * few polls (< 1 us) after the call. */
 	if (spin_ns) {
-		uint64_t last = start; /* spin spin_ns past the last progress made */
+		uint64_t last = 0; /* spin spin_ns past the last progress made */
+		bool progressed = false;
 
+		deadline = UINT64_MAX;
 		atomic_fetch_add(&e->spinners, 1);
-		while (now - last < spin_ns && now < deadline) {
+		for (uint32_t polls = 1;; polls++) {
+			if (!atomic_load_explicit(&e->want_lock, memory_order_relaxed) &&
+			    !pthread_mutex_trylock(&e->lock)) {
+				progressed |= engine_progress_locked(e);
+				pthread_mutex_unlock(&e->lock);
+			} else {
+				cpu_relax();
+			}
 			if (cond(arg)) {
 				rc = 0;
 				/* The progress thread stays aside a while longer: this
 				 * thread is likely to post and wait again soon. */
-				atomic_store(&e->spun_ns, pplx_now_ns());
+				if (!atomic_load_explicit(&e->spun, memory_order_relaxed))
+					atomic_store_explicit(&e->spun, 1, memory_order_relaxed);
 				atomic_fetch_sub(&e->spinners, 1);
 				goto out;
 			}
-			if (atomic_load(&e->closed)) {
+			if (atomic_load_explicit(&e->closed, memory_order_relaxed)) {
 				rc = PPLX_ERR_CLOSED;
 				atomic_fetch_sub(&e->spinners, 1);
 				goto out;
 			}
-			if (!atomic_load(&e->want_lock) && !pthread_mutex_trylock(&e->lock)) {
-				bool did = engine_progress_locked(e);
-
-				pthread_mutex_unlock(&e->lock);
-				now = pplx_now_ns();
-				if (did)
-					last = now;
-			} else {
-				cpu_relax();
-				now = pplx_now_ns();
+			if (polls % SPIN_CLOCK_EVERY)
+				continue;
+			now = pplx_now_ns();
+			if (!last) { /* the first read */
+				if (!*t0)
+					*t0 = now;
+				if (timeout_us >= 0)
+					deadline = *t0 + (uint64_t)timeout_us * 1000;
+				last = now;
 			}
+			if (progressed) {
+				last = now;
+				progressed = false;
+			}
+			if (now - last >= spin_ns || now >= deadline)
+				break;
 			/* Past YIELD_AFTER_NS without progress, hand the core over
 			 * between polls: with more runnable threads than cores (the
 			 * peer's copy, our progress thread, other jobs) a pure
@@ -148,11 +200,16 @@ int engine_wait_cond(struct pplx_engine *e, bool (*cond)(void *), void *arg, int
 		}
 		/* Not there yet: the progress thread must take over now, not
 		 * after its step-aside nap. */
-		atomic_store(&e->spun_ns, 0);
+		atomic_store(&e->spun, 0);
 		if (atomic_fetch_sub(&e->spinners, 1) == 1)
 			engine_wake_progress(e);
+	} else {
+		if (!*t0)
+			*t0 = pplx_now_ns();
+		deadline = timeout_us < 0 ? UINT64_MAX : *t0 + (uint64_t)timeout_us * 1000;
 	}
 	pthread_mutex_lock(&e->lock);
+	e->sleepers++; /* progress broadcasts e->cv while > 0 */
 	for (;;) {
 		struct timespec ts;
 		uint64_t until;
@@ -177,6 +234,7 @@ int engine_wait_cond(struct pplx_engine *e, bool (*cond)(void *), void *arg, int
 		ts.tv_nsec = (long)(until % 1000000000ull);
 		pthread_cond_timedwait(&e->cv, &e->lock, &ts);
 	}
+	e->sleepers--;
 	pthread_mutex_unlock(&e->lock);
 out:
 	return rc;
@@ -224,7 +282,7 @@ static int imm_wait(struct pplx_engine *e, uint32_t imm, uint64_t n, int consume
 		    int64_t timeout_us)
 {
 	struct imm_wait_arg a;
-	uint64_t start = pplx_now_ns();
+	uint64_t t0 = 0; /* set by the first wait that reads the clock */
 	int rc = check_imm(e, imm);
 
 	if (rc)
@@ -232,29 +290,17 @@ static int imm_wait(struct pplx_engine *e, uint32_t imm, uint64_t n, int consume
 	a.counter = &e->imm_table[imm];
 	a.n = n;
 	for (;;) {
-		int64_t left = timeout_us;
-
-		if (timeout_us >= 0) {
-			left = timeout_us - (int64_t)((pplx_now_ns() - start) / 1000);
-			if (left < 0)
-				left = 0;
-		}
-		rc = engine_wait_cond(e, imm_reached, &a, left);
+		rc = engine_wait_cond_from(e, imm_reached, &a, timeout_us, &t0);
 		if (rc == PPLX_ERR_TIMEOUT)
 			return pplx_fail(rc, "imm %u: %lu of %lu arrivals after %ld us", imm,
 					 (unsigned long)__atomic_load_n(a.counter, __ATOMIC_ACQUIRE),
 					 (unsigned long)n, (long)timeout_us);
 		if (rc)
 			return pplx_fail(rc, "engine closed while waiting for imm %u", imm);
-		if (!consume)
+		/* Consume without the engine lock: imm_take subtracts only what is
+		 * there; if another consumer was first, wait again. */
+		if (!consume || imm_take(a.counter, n))
 			return 0;
-		engine_lock(e);
-		if (imm_reached(&a)) {
-			__atomic_sub_fetch(a.counter, n, __ATOMIC_RELEASE);
-			engine_unlock(e);
-			return 0;
-		}
-		engine_unlock(e); /* another consumer was first: wait again */
 	}
 }
 
@@ -274,14 +320,11 @@ int pplx_imm_consume(struct pplx_engine *e, uint32_t imm, uint64_t n)
 
 	if (rc)
 		return rc;
-	engine_lock(e);
-	if (e->imm_table[imm] < n)
-		rc = pplx_fail(PPLX_ERR_INVALID, "imm %u: cannot consume %lu of %lu arrivals", imm,
-			       (unsigned long)n, (unsigned long)e->imm_table[imm]);
-	else
-		__atomic_sub_fetch(&e->imm_table[imm], n, __ATOMIC_RELEASE);
-	engine_unlock(e);
-	return rc;
+	if (!imm_take(&e->imm_table[imm], n))
+		return pplx_fail(PPLX_ERR_INVALID, "imm %u: cannot consume %lu of %lu arrivals", imm,
+				 (unsigned long)n,
+				 (unsigned long)__atomic_load_n(&e->imm_table[imm], __ATOMIC_ACQUIRE));
+	return 0;
 }
 
 int pplx_imm_set_trigger(struct pplx_engine *e, uint32_t imm, uint64_t n, uint64_t *flag,

@@ -138,10 +138,12 @@ struct pplx_engine {
 	bool has_hmem;
 
 	pthread_mutex_t lock;
-	pthread_cond_t cv; /* broadcast on every completion while waiters > 0 */
+	pthread_cond_t cv; /* broadcast on every completion while sleepers > 0 */
 	_Atomic int waiters;
 	_Atomic int spinners; /* waiters in their spin phase, driving progress */
-	_Atomic uint64_t spun_ns; /* when a spinning waiter last succeeded */
+	_Atomic int spun; /* a spinning waiter succeeded (the progress thread clears it) */
+	_Atomic int aside_nap; /* the progress thread naps aside (posts need not wake it) */
+	int sleepers; /* waiters on cv (under lock): progress broadcasts while > 0 */
 	uint64_t aside_ns; /* cfg.aside_us: the progress thread's step-aside */
 	_Atomic int kicked; /* a submission happened: progress thread, spin again */
 	pthread_mutex_t nap_lock; /* the progress thread naps on nap_cv */
@@ -227,7 +229,7 @@ void mr_close_fids(struct pplx_mr *mr);
 /* engine.c */
 bool engine_progress_locked(struct pplx_engine *e);
 void engine_wake_progress(struct pplx_engine *e);
-bool engine_progress_aside(struct pplx_engine *e); /* a waiter drives progress */
+bool engine_progress_aside(struct pplx_engine *e); /* napping aside: a waiter drives progress */
 
 /* imm.c */
 void imm_arrived(struct pplx_engine *e, uint32_t imm);
@@ -235,6 +237,8 @@ void imm_deliver(struct pplx_engine *e, uint32_t imm);
 void imm_release_held(struct pplx_engine *e, bool all, bool *did);
 int engine_wait_cond(struct pplx_engine *e, bool (*cond)(void *), void *arg,
 		     int64_t timeout_us);
+int engine_wait_cond_from(struct pplx_engine *e, bool (*cond)(void *), void *arg,
+			  int64_t timeout_us, uint64_t *t0);
 
 /* peers.c */
 int watch_init(struct pplx_engine *e);

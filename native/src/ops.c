@@ -14,6 +14,10 @@
 
 void engine_lock(struct pplx_engine *e)
 {
+	/* Uncontended (the usual case: the progress thread steps aside while a
+	 * waiter spins), one atomic instead of three. */
+	if (!pthread_mutex_trylock(&e->lock))
+		return;
 	atomic_fetch_add(&e->want_lock, 1);
 	pthread_mutex_lock(&e->lock);
 	atomic_fetch_sub(&e->want_lock, 1);
@@ -130,7 +134,10 @@ void op_complete(struct pplx_engine *e, struct pplx_op *op, int err)
 			atomic_compare_exchange_strong(&r->error, &zero, err);
 			atomic_fetch_add(&r->failed, 1);
 		} else {
-			atomic_fetch_add(&r->done, 1);
+			/* Only ever changed under the lock: a plain release store. */
+			atomic_store_explicit(&r->done,
+					      atomic_load_explicit(&r->done, memory_order_relaxed) + 1,
+					      memory_order_release);
 		}
 		req_put(r);
 	}
@@ -175,14 +182,18 @@ int op_submit(struct pplx_engine *e, struct pplx_op *op)
 		rc = op_post(e, op);
 		if (rc == 0) {
 			mark_inflight(e, op);
-			atomic_store(&e->kicked, 1);
-			/* No wake-up while a waiter spins or spun within aside_us: the
-			 * progress thread would only see that and nap again, and each
-			 * such wake-up is a futex call plus a context switch per post
-			 * (on 2 cores, 8 B submit_write 7.1 -> see PERFORMANCE.md).
-			 * It returns within aside_us by itself, and a waiter that
-			 * stops spinning wakes it (engine_wait_cond). */
-			if (atomic_load(&e->napping) && !engine_progress_aside(e))
+			/* Hints for the progress thread (relaxed: a missed one costs
+			 * at most one of its naps, never correctness). */
+			if (!atomic_load_explicit(&e->kicked, memory_order_relaxed))
+				atomic_store_explicit(&e->kicked, 1, memory_order_relaxed);
+			/* No wake-up while it naps aside for a spinning waiter: it
+			 * would only see that and nap again, and each such wake-up is
+			 * a futex call plus a context switch per post (on 2 cores, 8 B
+			 * submit_write 7.1 -> see PERFORMANCE.md). It returns within
+			 * aside_us by itself, and a waiter that stops spinning wakes
+			 * it (engine_wait_cond). */
+			if (atomic_load_explicit(&e->napping, memory_order_relaxed) &&
+			    !engine_progress_aside(e))
 				engine_wake_progress(e);
 			return 0;
 		}
@@ -198,7 +209,7 @@ int op_submit(struct pplx_engine *e, struct pplx_op *op)
 	list_push(&e->pending, op);
 	e->stats.ops_queued++;
 	atomic_store(&e->kicked, 1);
-	atomic_store(&e->spun_ns, 0); /* queued ops need the progress thread now */
+	atomic_store(&e->spun, 0); /* queued ops need the progress thread now */
 	engine_wake_progress(e);
 	return 0;
 }
@@ -281,13 +292,18 @@ static int check_op_len(struct pplx_engine *e, uint64_t len, const char *what)
 
 static int req_new(struct pplx_engine *e, struct pplx_req **out)
 {
-	struct pplx_req *r = calloc(1, sizeof(*r));
+	struct pplx_req *r = malloc(sizeof(*r)); /* malloc: calloc skips glibc's tcache */
 
 	*out = r;
 	if (!r)
 		return pplx_fail(-FI_ENOMEM, "out of memory");
 	r->e = e;
-	atomic_store(&r->refs, 1);
+	atomic_init(&r->total, 0);
+	atomic_init(&r->done, 0);
+	atomic_init(&r->failed, 0);
+	atomic_init(&r->error, 0);
+	atomic_init(&r->refs, 1);
+	atomic_init(&r->sealed, 0);
 	return 0;
 }
 
@@ -317,10 +333,16 @@ static int submit_write(struct pplx_engine *e, struct pplx_req *r, struct pplx_m
 	op->has_data = has_imm != 0;
 	op->data = imm;
 	op->req = r;
-	atomic_fetch_add(&r->refs, 1);
-	atomic_fetch_add(&r->total, 1);
+	/* Plain increments: until finish() hands it out, only this thread, which
+	 * holds the lock, sees the request (completions run under the lock), and
+	 * registrations' refs change only under the lock (mr.c). */
+	atomic_store_explicit(&r->refs, atomic_load_explicit(&r->refs, memory_order_relaxed) + 1,
+			      memory_order_relaxed);
+	atomic_store_explicit(&r->total, atomic_load_explicit(&r->total, memory_order_relaxed) + 1,
+			      memory_order_relaxed);
 	op->mr = src;
-	atomic_fetch_add(&src->refs, 1);
+	atomic_store_explicit(&src->refs, atomic_load_explicit(&src->refs, memory_order_relaxed) + 1,
+			      memory_order_relaxed);
 	return op_submit(e, op);
 }
 
@@ -343,7 +365,7 @@ static int begin(struct pplx_engine *e, struct pplx_req **r)
 
 static int finish(struct pplx_engine *e, struct pplx_req *r, int rc, struct pplx_req **out)
 {
-	atomic_store(&r->sealed, 1);
+	atomic_store_explicit(&r->sealed, 1, memory_order_release);
 	engine_unlock(e);
 	if (rc) {
 		req_put(r);

@@ -253,7 +253,7 @@ static void mark_dead(struct pplx_engine *e, struct peer_watch *w)
 		if (!strncmp(w->name[d], "pplx_", 5))
 			shm_unlink(w->name[d]);
 	atomic_store(&e->reap_dead, 1);
-	atomic_store(&e->spun_ns, 0);
+	atomic_store(&e->spun, 0);
 	engine_wake_progress(e);
 }
 
