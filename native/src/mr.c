@@ -22,10 +22,14 @@ void mr_close_fids(struct pplx_mr *mr)
 	}
 }
 
-/* Caller holds the engine lock (or the engine is single-threaded). */
+/* Caller holds the engine lock (or the engine is single-threaded): refs only
+ * change under it, so a plain decrement (no locked instruction per op). */
 void mr_put(struct pplx_mr *mr)
 {
-	if (atomic_fetch_sub(&mr->refs, 1) == 1) {
+	int left = atomic_load_explicit(&mr->refs, memory_order_relaxed) - 1;
+
+	atomic_store_explicit(&mr->refs, left, memory_order_relaxed);
+	if (left == 0) {
 		mr_close_fids(mr);
 		free(mr);
 	}
