@@ -96,6 +96,14 @@ def spawn(
     values: dict[int, Any] = {r: None for r in may_exit}
     got: set[int] = set()
     errors: list[str] = []
+
+    def record(rank: int, ok: bool, value: Any) -> None:
+        got.add(rank)
+        if ok:
+            values[rank] = value
+        else:
+            errors.append(f"--- rank {rank} raised:\n{value}")
+
     try:
         while len(got) + len(errors) < world_size:
             left = deadline - time.monotonic()
@@ -116,11 +124,7 @@ def spawn(
                             rank, ok, value = results.get_nowait()
                         except queue.Empty:
                             break
-                        got.add(rank)
-                        if ok:
-                            values[rank] = value
-                        else:
-                            errors.append(f"--- rank {rank} raised:\n{value}")
+                        record(rank, ok, value)
                     lost = [r for r in lost if r not in got]
                     if lost:
                         errors.append(
@@ -132,11 +136,8 @@ def spawn(
                 if len(got | set(dead_ok)) == world_size:
                     break
                 continue
-            got.add(rank)
-            if ok:
-                values[rank] = value
-            else:
-                errors.append(f"--- rank {rank} raised:\n{value}")
+            record(rank, ok, value)
+            if not ok:
                 deadline = min(deadline, time.monotonic() + 10.0)
     finally:
         for p in procs:

@@ -124,32 +124,34 @@ def _rank_main(rank: int, world: int, args: argparse.Namespace, shape: Shape, pe
     def add(k: str, v: float) -> None:
         times.setdefault(k, []).append(v)
 
-    for it in range(args.warmup + args.iters):
+    def timed(fn) -> float:
+        """Microseconds of fn() between a barrier with the device idle and its completion."""
         dist.barrier()
         _sync(device)
         t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        return (time.perf_counter() - t0) * 1e6
+
+    def run_pplx() -> None:
         a2a.dispatch(outs.expert_num_tokens, outs.expert_x, outs.expert_x_scale, x, x_scale, idx, w)
-        _sync(device)
-        t1 = time.perf_counter()
-        dist.barrier()
-        _sync(device)
-        t2 = time.perf_counter()
-        a2a.combine(out, idx, w, y)
-        _sync(device)
-        t3 = time.perf_counter()
+
+    for it in range(args.warmup + args.iters):
+        t_disp = timed(run_pplx)
+        t_comb = timed(lambda: a2a.combine(out, idx, w, y))
         if it >= args.warmup:
-            add("dispatch", (t1 - t0) * 1e6)
-            add("combine", (t3 - t2) * 1e6)
+            add("dispatch", t_disp)
+            add("combine", t_comb)
             if impl is not None:
                 for f, v in dataclasses.asdict(impl.phase).items():
                     add(f, v)
     # Baseline in the same processes.
     b_outs = a2a.alloc_dispatch_outputs()
     b_out = a2a.alloc_combine_output()
-    for it in range(args.warmup + args.iters):
-        dist.barrier()
-        _sync(device)
-        t0 = time.perf_counter()
+    plan = None
+
+    def run_baseline() -> None:
+        nonlocal plan
         plan = baseline.baseline_dispatch(
             b_outs.expert_num_tokens,
             b_outs.expert_x,
@@ -160,17 +162,13 @@ def _rank_main(rank: int, world: int, args: argparse.Namespace, shape: Shape, pe
             shape.experts,
             args.padding,
         )
-        _sync(device)
-        t1 = time.perf_counter()
-        dist.barrier()
-        _sync(device)
-        t2 = time.perf_counter()
-        baseline.baseline_combine(b_out, w, y, plan)
-        _sync(device)
-        t3 = time.perf_counter()
+
+    for it in range(args.warmup + args.iters):
+        t_disp = timed(run_baseline)
+        t_comb = timed(lambda: baseline.baseline_combine(b_out, w, y, plan))
         if it >= args.warmup:
-            add("baseline dispatch", (t1 - t0) * 1e6)
-            add("baseline combine", (t3 - t2) * 1e6)
+            add("baseline dispatch", t_disp)
+            add("baseline combine", t_comb)
     # Same outputs as the baseline (dispatch: bytes on the rows that hold tokens).
     from pplx.moe.layout import valid_row_mask
 

@@ -484,6 +484,18 @@ class InterNodeAllToAll:
             self._tri_bound,
         )
 
+    def _tri_combine(self, do_send: bool, do_recv: bool) -> None:
+        """One half of the node's Triton combine (its buffers set up in `_setup_triton`)."""
+        self._tri.combine(
+            self._tri_out,
+            self._tri_idx,
+            self._tri_w,
+            self._tri_ey,
+            self._tri_bound,
+            do_send=do_send,
+            do_recv=do_recv,
+        )
+
     # ------------------------------------------------------------------ helpers
 
     def _imm(self, kind: int, src: int) -> int:
@@ -927,15 +939,7 @@ class InterNodeAllToAll:
         if self._tri is not None:
             dst, src = _words(self._tri_ey.view(torch.uint8), send)
             dst.index_copy_(0, self._node_rows, src)
-            self._tri.combine(
-                self._tri_out,
-                self._tri_idx,
-                self._tri_w,
-                self._tri_ey,
-                self._tri_bound,
-                do_send=True,
-                do_recv=False,
-            )
+            self._tri_combine(do_send=True, do_recv=False)
         else:
             self._comb_node = self._node_exchange(
                 "combine_node", send, [n_from[r] for r in nr], n_back
@@ -950,15 +954,7 @@ class InterNodeAllToAll:
         dev = out_tokens.device
         nr = self.node_ranks
         if self._tri is not None:
-            self._tri.combine(
-                self._tri_out,
-                self._tri_idx,
-                self._tri_w,
-                self._tri_ey,
-                self._tri_bound,
-                do_send=False,
-                do_recv=True,
-            )
+            self._tri_combine(do_send=False, do_recv=True)
             n_node = sum(st.send_counts[r] for r in nr)
             self._comb_node = self._tri_out[:n_node].view(torch.uint8)
         for d in self.remote_ranks:
