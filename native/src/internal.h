@@ -210,6 +210,7 @@ uint64_t pplx_now_ns(void);
 struct pplx_op *op_alloc(struct pplx_engine *e);
 void op_free(struct pplx_engine *e, struct pplx_op *op);
 int op_submit(struct pplx_engine *e, struct pplx_op *op);
+int req_new(struct pplx_engine *e, struct pplx_req **out); /* refs 1, counters 0 */
 void op_complete(struct pplx_engine *e, struct pplx_op *op, int err);
 void op_detach(struct pplx_engine *e, struct pplx_op *op, int err);
 int op_post(struct pplx_engine *e, struct pplx_op *op);

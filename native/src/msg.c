@@ -122,12 +122,10 @@ int pplx_send(struct pplx_engine *e, int peer, const void *buf, uint64_t len,
 	if (len > e->cfg.msg_size)
 		return pplx_fail(PPLX_ERR_MSG_SIZE, "message of %lu bytes > msg_size %u",
 				 (unsigned long)len, e->cfg.msg_size);
-	r = calloc(1, sizeof(*r));
+	rc = req_new(e, &r);
 	op = NULL;
-	if (!r)
-		return pplx_fail(-FI_ENOMEM, "out of memory");
-	r->e = e;
-	atomic_store(&r->refs, 1);
+	if (rc)
+		return rc;
 	engine_lock(e);
 	if (atomic_load(&e->closed)) {
 		rc = pplx_fail(PPLX_ERR_CLOSED, "engine is closed");

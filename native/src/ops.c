@@ -290,7 +290,7 @@ static int check_op_len(struct pplx_engine *e, uint64_t len, const char *what)
 	return 0;
 }
 
-static int req_new(struct pplx_engine *e, struct pplx_req **out)
+int req_new(struct pplx_engine *e, struct pplx_req **out)
 {
 	struct pplx_req *r = malloc(sizeof(*r)); /* malloc: calloc skips glibc's tcache */
 

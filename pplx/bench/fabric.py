@@ -52,7 +52,6 @@ import json
 import os
 import queue
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -62,6 +61,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from pplx.bench.common import Row, emit, percentiles
+from pplx.spawn import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RAW_SRC = os.path.join(REPO, "native", "bench", "raw_bench.c")
@@ -359,12 +359,6 @@ def pin_note(pin: tuple[tuple[int, ...], ...] | None) -> str:
 def _pin_self(cores: Sequence[int]) -> None:
     """Pin the calling process (threads it starts later inherit the mask)."""
     os.sched_setaffinity(0, cores)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- raw program
