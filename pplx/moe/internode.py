@@ -582,6 +582,13 @@ class InterNodeAllToAll:
             self._scratch_bufs[name] = buf
         return buf[:rows]
 
+    def _gather_rows(self, name: str, src: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """`src`'s rows at `rows`, as uint8, into the reused scratch `name` (valid until the
+        next call with the same name)."""
+        s8 = src.view(torch.uint8)
+        out = self._scratch(name, rows.numel(), s8.shape[1], torch.uint8, s8.device)
+        return torch.index_select(s8, 0, rows, out=out)
+
     @property
     def _staged(self) -> bool:
         """CUDA rows, host (pinned) registered buffers: rows cross PCIe in explicit copies."""
@@ -625,7 +632,7 @@ class InterNodeAllToAll:
         m = L.live_tokens(bound_m, indices.shape[0])
         flat = indices[:m].reshape(-1).long()
         my_counts = torch.bincount(flat, minlength=e)[:e]  # [E] on the device
-        send_order = torch.sort(flat, stable=True).indices  # [N] by (expert, t, k)
+        sorted_experts, send_order = torch.sort(flat, stable=True)  # [N] by (expert, t, k)
         tok = send_order // k  # [N] token of each sorted slot
         # The one device -> host read of the send side: this rank's counts (non-blocking
         # into pinned memory, one sync); every other index derives from them on the host.
@@ -723,7 +730,7 @@ class InterNodeAllToAll:
                 xs = x_scale[:m].float().contiguous()
                 torch.index_select(xs, 0, t_node, out=self._tri_xs[:n_node])
             node_first = nr[0] * e_local
-            self._tri_idx[:n_node, 0] = (flat[send_order[lo:hi]] - node_first).to(torch.int32)
+            self._tri_idx[:n_node, 0] = (sorted_experts[lo:hi] - node_first).to(torch.int32)
             self._tri_bound.fill_(n_node)
             self._tri.dispatch(*self._tri_dispatch_args(), do_send=True, do_recv=False)
             self._node_recs = None
@@ -791,10 +798,10 @@ class InterNodeAllToAll:
             node_counts = counts[nr[0] : nr[-1] + 1, lo_e : lo_e + len(nr) * e_local]
             node_layout = L.group_layout(node_counts, 1)
             self._node_rows = L.recv_rows(node_layout, self.rank - nr[0]).to(self.device)
-            node_x = self._tri_ex.view(torch.uint8).index_select(0, self._node_rows)
+            node_x = self._gather_rows("node_x", self._tri_ex, self._node_rows)
             node_s = None
             if self._tri_exs is not None:
-                node_s = self._tri_exs.view(torch.uint8).index_select(0, self._node_rows)
+                node_s = self._gather_rows("node_s", self._tri_exs, self._node_rows)
             ph.intra += _us(t_tri)
         else:
             node_x, node_s = self._node_recs[:, :xb], self._node_recs[:, xb:]
