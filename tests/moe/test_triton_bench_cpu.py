@@ -51,5 +51,5 @@ def test_bench_moe_variants_keep_the_defaults_beside_them() -> None:
     a = parse_args(["--cpu", "--variant", "fused:PPLX_MOE_FUSED=1"])
     assert a.variant == [("default", {}), ("fused", {"PPLX_MOE_FUSED": "1"})]
     # A variant with no settings names the defaults itself: not timed twice.
-    a = parse_args(["--cpu", "--variant", "base:", "--variant", "pb:PPLX_MOE_PB=64"])
-    assert a.variant == [("base", {}), ("pb", {"PPLX_MOE_PB": "64"})]
+    a = parse_args(["--cpu", "--variant", "base:", "--variant", "bh:PPLX_MOE_COMB_BH=1024"])
+    assert a.variant == [("base", {}), ("bh", {"PPLX_MOE_COMB_BH": "1024"})]

@@ -26,9 +26,8 @@ def _cases(world_size: int):
         return [
             # (constructor kwargs, cases run on that object, in order)
             (
-                # block_tokens=2: several programs per kernel, so the prefix sums over
-                # earlier token chunks (count kernel path: fused_prefix=False) and the
-                # cross-program counters are exercised.
+                # block_tokens=2: several programs per kernel, so the receivers' prefix
+                # over (source, chunk) counts and the cross-program counters are exercised.
                 dict(
                     max_num_tokens=6,
                     num_experts=8,
@@ -37,7 +36,6 @@ def _cases(world_size: int):
                     in_dtype=torch.bfloat16,
                     num_experts_per_token=3,
                     block_tokens=2,
-                    fused_prefix=False,
                     fused=False,  # a send launch and a receive launch per phase
                 ),
                 [
@@ -74,9 +72,8 @@ def _cases(world_size: int):
                     hidden_dim=256,
                     in_dtype=FP8,
                     num_experts_per_token=3,
-                    block_tokens=2,  # fused prefix (default for small T) over 3 chunks
+                    block_tokens=2,  # 3 chunks of 2 tokens
                     fused=True,  # one launch per phase: send programs, then receive ones
-                    env={"PPLX_MOE_PB": "2"},  # the last chunk recounts 4 tokens in 2 steps
                 ),
                 [
                     Case("fp8 + scales, padding 16", 5, 256, 8, 3, FP8, 16, iters=2),
@@ -93,8 +90,6 @@ def _cases(world_size: int):
                     in_dtype=torch.bfloat16,
                     num_experts_per_token=4,
                     sync="v1",  # the previous signalling protocol stays covered
-                    # and the send path that loads rows after the prefix (PPLX_MOE_EARLY=0)
-                    env={"PPLX_MOE_EARLY": "0"},
                 ),
                 [Case("K == E (every token to every expert), sync v1", 4, 32, 4, 4)],
             ),
@@ -121,13 +116,16 @@ def _cases(world_size: int):
                 max_num_tokens=4,
                 num_experts=6,
                 expert_padding=16,
-                hidden_dim=128,
+                hidden_dim=256,
                 in_dtype=FP8,
                 num_experts_per_token=4,
                 fused=False,
-                env={"PPLX_MOE_EARLY": "1"},  # rows loaded early (default at 2 ranks only)
+                # rows moved in 2 tiles after the waits (not one tile loaded early) and
+                # receive programs of 2 slots inside send chunks of 4 tokens
+                env={"PPLX_MOE_TILES": "4,2,2,2,64"},
+                expect_one_tile=False,
             ),
-            [Case("3 ranks fp8, padding 16, split", 4, 128, 6, 4, FP8, 16, split=True)],
+            [Case("3 ranks fp8, padding 16, split", 4, 256, 6, 4, FP8, 16, split=True)],
         ),
     ]
 
@@ -144,6 +142,7 @@ def _worker(rank: int, world_size: int) -> int:
     for n, (kw, cases) in enumerate(_cases(world_size)):
         kw = dict(kw)
         env = kw.pop("env", {})  # PPLX_MOE_* tuning hooks read at construction
+        one_tile = kw.pop("expect_one_tile", True)
         in_dtype = kw["in_dtype"]
         os.environ.update(env)
         try:
@@ -158,8 +157,8 @@ def _worker(rank: int, world_size: int) -> int:
         finally:
             for k in env:
                 os.environ.pop(k, None)
-        # Rows loaded early: default at 2 ranks (decode), else as the config's env says.
-        assert at.early == (env.get("PPLX_MOE_EARLY", "1" if world_size <= 2 else "0") == "1")
+        # Both send paths are covered: rows in one tile loaded before the waits, or in tiles.
+        assert at.one_tile == one_tile, (at.one_tile, at.block_w_send, at.words)
         for i, case in enumerate(cases):
             run_case(at, case, 100 * n + i, rank, world_size, torch.device("cpu"))
             done += 1

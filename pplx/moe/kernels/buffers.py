@@ -17,16 +17,18 @@ Regions (per rank; "src" indexes the rank that wrote the data):
 | disp_ack        | [R]               | int32   | dispatch recv of peer       |
 | comb_flag       | [R, CC]           | int32   | combine send of src         |
 | comb_ack        | [R]               | int32   | combine recv of peer        |
-| counts          | [R, E_local]      | int32   | dispatch send of src        |
-| ntok            | [R]               | int32   | dispatch send of src        |
-| tok_e, tok_q    | [R, T, K]         | int32   | dispatch send of src        |
+| counts          | [R, NC, E_local]  | int32   | dispatch send of src        |
+| tok_eq          | [R, T, K]         | int32   | dispatch send of src        |
 | tok_w           | [R, T, K]         | float32 | dispatch send of src        |
 | rows            | [R, T, row_bytes] | bytes   | dispatch send of src        |
 | scales          | [R, T, S]         | float32 | dispatch send of src (fp8)  |
 | comb_rows       | [R, T, H]         | out     | combine send of src         |
 
 NC / CC: send programs per destination of dispatch / combine (one flag slot each with the
-"v2" protocol; "v1" uses only column 0 as a per-source counter).
+"v2" protocol; "v1" uses only column 0 as a per-source counter). `counts[src, c, e]`: slots
+of src's token chunk c for local expert e; `tok_eq[src, t, k]`: `e * 65536 + q` (q: rank of
+the slot among chunk c's slots of expert e) or -1; rows, scales, tok_* and comb_rows are
+indexed by the source's token index t (the slot of token t).
 
 Each region starts on a 128-byte boundary, so rows can move as 8-byte words.
 """
@@ -56,9 +58,7 @@ class BufferLayout:
     comb_flag: int
     comb_ack: int
     counts: int
-    ntok: int
-    tok_e: int
-    tok_q: int
+    tok_eq: int
     tok_w: int
     rows: int
     scales: int
@@ -88,10 +88,8 @@ class BufferLayout:
             ("disp_ack", 4 * r),
             ("comb_flag", 4 * r * comb_signals),
             ("comb_ack", 4 * r),
-            ("counts", 4 * r * num_local_experts),
-            ("ntok", 4 * r),
-            ("tok_e", 4 * r * t * k),
-            ("tok_q", 4 * r * t * k),
+            ("counts", 4 * r * disp_signals * num_local_experts),
+            ("tok_eq", 4 * r * t * k),
             ("tok_w", 4 * r * t * k),
             ("rows", r * t * row_bytes),
             ("scales", 4 * r * t * hidden_dim_scale if has_scale else 0),

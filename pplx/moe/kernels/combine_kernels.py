@@ -51,7 +51,6 @@ def _combine_send(
     stride_yr,
     comb_row_ptr,  # [R, T_MAX, K] int32: row of expert_y per received slot, -1 if none
     comb_w_ptr,  # [R, T_MAX, K] float32
-    comb_ntok_ptr,  # [R] int32
     table_ptr,
     state_ptr,  # [16] int32: [7] combine send epoch, [8] its done counter, [4] error flag
     rank,
@@ -72,7 +71,7 @@ def _combine_send(
     ASM: tl.constexpr,
     PROF: tl.constexpr,
 ):
-    """Send program (s, cc): the partials of tokens cc * CB + [0, CB) received from s."""
+    """Send program (s, cc): the partials of token slots cc * CB + [0, CB) of source s."""
     stamp(prof_ptr, 0, PROF)
     # The send side's own epoch (state[7]; see _dispatch_send).
     epoch = tl.load(state_ptr + 7)
@@ -82,10 +81,16 @@ def _combine_send(
     else:
         wait_ge(ack, epoch, state_ptr + 4, MAX_SPIN)
     stamp(prof_ptr, 1, PROF)
-    ntok = tl.load(comb_ntok_ptr + s)
-    j = cc * CB + tl.arange(0, CB)  # [CB]
-    j_ok = j < ntok
-    slot = (s * T_MAX + j) * K  # [CB] first record of each received token
+    j = cc * CB + tl.arange(0, CB)  # [CB] token slots of source s
+    j_ok = j < T_MAX
+    slot = (s * T_MAX + j) * K  # [CB] first record of each slot
+    # Slots that hold a token of s (dispatch wrote -1 into every k of the others).
+    hit = tl.zeros([CB], dtype=tl.int32)
+    for k in tl.static_range(K):
+        hit = tl.maximum(
+            hit, (tl.load(comb_row_ptr + slot + k, mask=j_ok, other=-1) >= 0).to(tl.int32)
+        )
+    j_ok = hit > 0
     dst = (
         peer_ptr(table_ptr, s, off_comb_rows, OUT_DTYPE) + (rank * T_MAX + j)[:, None] * COMB_STRIDE
     )
@@ -121,7 +126,7 @@ def _combine_recv(
     prof_ptr,  # [8] int64 time stamps of this program (PROF only)
     out_ptr,  # [T, H] out dtype
     stride_ot,
-    send_pos_ptr,  # [T_MAX, R] int32: slot of token t in rank d's area, -1 if none
+    send_pos_ptr,  # [T_MAX, R] int32: t where token t reached rank d (its slot), else -1
     bound_m_ptr,
     num_tokens,
     table_ptr,
@@ -208,7 +213,6 @@ def _combine_kernel(
     stride_yr,
     comb_row_ptr,
     comb_w_ptr,
-    comb_ntok_ptr,
     # receive side
     out_ptr,
     stride_ot,
@@ -260,7 +264,6 @@ def _combine_kernel(
                 stride_yr,
                 comb_row_ptr,
                 comb_w_ptr,
-                comb_ntok_ptr,
                 table_ptr,
                 state_ptr,
                 rank,

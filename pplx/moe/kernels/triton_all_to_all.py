@@ -47,7 +47,7 @@ import triton.language as tl
 
 from pplx.moe.kernels.buffers import BufferLayout, PeerBuffers
 from pplx.moe.kernels.combine_kernels import _combine_kernel
-from pplx.moe.kernels.dispatch_kernels import _dispatch_count_kernel, _dispatch_kernel
+from pplx.moe.kernels.dispatch_kernels import _dispatch_kernel
 from pplx.moe.kernels.sync_kernels import spin_probe_kernel
 
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
@@ -86,7 +86,7 @@ def interpreter_active() -> bool:
     """True when the kernels of this package were decorated under TRITON_INTERPRET=1."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(_dispatch_count_kernel, InterpretedFunction)
+    return isinstance(_dispatch_kernel, InterpretedFunction)
 
 
 class TritonAllToAll:
@@ -107,8 +107,6 @@ class TritonAllToAll:
         timeout_s: on CPU, how long a wait may last before `TimeoutError`.
         block_tokens: tokens per program in every kernel (default: tuned for CUDA; all
             T in one program on CPU).
-        fused_prefix: send programs recount earlier tokens themselves instead of a count
-            kernel (default: when max_num_tokens <= 512).
         sync: signalling protocol, "v2" (default: a flag slot per sender program, vector
             acquire polls of only the slots a program needs, one vector ack) or "v1" (one
             counter per source, RMW polls); `PPLX_MOE_SYNC` overrides the default
@@ -136,7 +134,6 @@ class TritonAllToAll:
         device: torch.device | str | None = None,
         timeout_s: float = 60.0,
         block_tokens: int | None = None,
-        fused_prefix: bool | None = None,
         sync: str | None = None,
         fused: bool | None = None,
     ) -> None:
@@ -169,7 +166,6 @@ class TritonAllToAll:
             num_experts_per_token=num_experts_per_token,
             timeout_s=timeout_s,
             block_tokens=block_tokens,
-            fused_prefix=fused_prefix,
             sync=sync,
             fused=fused,
         )
@@ -193,18 +189,15 @@ class TritonAllToAll:
         num_experts_per_token: int,
         timeout_s: float,
         block_tokens: int | None,
-        fused_prefix: bool | None = None,
         sync: str | None = None,
         fused: bool | None = None,
     ) -> None:
         """Sizes, buffer layout and tiles (no allocation; self.device must be set)."""
         self.world_size = world_size
-        # Decode tunings that differ by world size, each measured on 4 H100 against the
-        # previous default in the same run (2026-11-28, PERFORMANCE.md): at EP2 the fused
-        # launch (dispatch 39.7 -> 37.7 us, combine 29.9 -> 27.3) and the early row loads
-        # with a 64-token prefix step (dispatch send 29.9 -> 27.6 us) are faster; at EP4
-        # the same send path with a 128-token step was slower (23.8 -> 29.2 us, the step's
-        # one-hot accumulate took ~9 us) and the fused launch was not faster.
+        # Decode tunings that differ by world size, measured on 4 H100 against the previous
+        # default in the same run (2026-11-28, PERFORMANCE.md; with the layout before the
+        # token-slot one): at EP2 the fused launch was faster (dispatch 39.7 -> 37.7 us,
+        # combine 29.9 -> 27.3), at EP4 not.
         small_r = world_size <= 2 and int(max_num_tokens) <= 512
         if fused is None:
             env = os.environ.get("PPLX_MOE_FUSED")
@@ -261,6 +254,7 @@ class TritonAllToAll:
         # Tiles. CUDA: decode (T=128) spreads over ~100 programs per kernel and prefill
         # (T=4096) over ~1000. Interpreter: every program costs Python time, so by default
         # one tile covers all T (tests pass block_tokens to exercise several tiles).
+        tuned = block_tokens is None  # the PPLX_MOE_TILES hook applies to default tiles only
         if block_tokens is None and self.device.type == "cpu":
             block_tokens = _pow2(T)
         # Elements per row tile: decode wants whole rows in one step (one load latency per
@@ -277,29 +271,27 @@ class TritonAllToAll:
             # (dispatch 710 vs 874 us, combine 785 vs 967 us, 2026-11-27).
             bt, rb, cb, tb = 32, 16, 16, 16
         tiles = os.environ.get("PPLX_MOE_TILES")  # tuning hook: "bt,rb,cb,tb[,cap]"
-        if tiles and block_tokens is None:
+        if tiles and tuned:
             vals = [int(v) for v in tiles.split(",")]
-            bt, rb, cb, tb = vals[:4]
+            bt, rb, cb, tb = (_pow2(v) for v in vals[:4])
             cap = vals[4] if len(vals) > 4 else cap
+        rb = min(rb, bt)  # a receive program's slots lie in one send chunk (powers of 2)
         self.bt = bt  # tokens per send program
         self.nc = triton.cdiv(T, self.bt)
-        self.cb_prefix = _clamp(_pow2(self.nc), 1, 64)
-        # Decode: each send program recounts earlier tokens itself (no count kernel).
-        self.fused_prefix = T <= 512 if fused_prefix is None else bool(fused_prefix)
-        # Tokens per step of the fused prefix (the last chunk's program recounts T - BT
-        # tokens): 32 (EP4: 4.6 us median / 8.1 us max of the send chain in clock stamps,
-        # faster than one 128-token step), 64 at EP2 (with the early row loads, faster).
-        self.pb = _clamp(_pow2(T), 1, 64 if small_r else 32)
-        if os.environ.get("PPLX_MOE_PB"):  # tuning hook (benchmarks only)
-            self.pb = _pow2(int(os.environ["PPLX_MOE_PB"]))
-        self.rb = rb  # received tokens per recv program (per source)
+        self.rb = rb  # token slots per recv program (per source)
         self.rc = triton.cdiv(T, self.rb)
-        self.cb = cb  # received tokens per combine-send program
+        self.cb = cb  # token slots per combine-send program
         self.cc = triton.cdiv(T, self.cb)
         self.tb = tb  # tokens per combine-recv program
         self.nb = triton.cdiv(T, self.tb)
         self.k_pad = _pow2(K)
         self.e_local_pad = _pow2(self.num_local_experts)
+        if self.num_local_experts >= 32768 or self.bt * self.k_pad > 65536:
+            # Records pack (local expert, q) into one int32 as e * 65536 + q.
+            raise ValueError(
+                f"num_experts / world size must be < 32768 (got {self.num_local_experts}) "
+                f"and block_tokens * top-k <= 65536"
+            )
         self.r_pad = _pow2(R)
         self.s_pad = _pow2(max(1, self.hidden_dim_scale))
         wpad = _pow2(self.words)
@@ -308,13 +300,15 @@ class TritonAllToAll:
         hpad = _pow2(self.hidden_dim)
         self.block_h_send = _clamp(cap // self.cb, 32, hpad)
         self.block_h_recv = _clamp(2 * cap // self.tb, 32, hpad)
+        if os.environ.get("PPLX_MOE_COMB_BH"):  # tuning hook (benchmarks only)
+            self.block_h_send = _pow2(int(os.environ["PPLX_MOE_COMB_BH"]))
         self.nc_pad = _pow2(self.nc)
-        # Dispatch send: load the chunk's rows before the waits and the prefix, store them
-        # before the record pass (needs one row tile, W <= BLOCK_W). Default at EP2 only
-        # (see small_r above); PPLX_MOE_EARLY=0/1 overrides.
-        early_env = os.environ.get("PPLX_MOE_EARLY")
-        early = early_env == "1" if early_env is not None else small_r
-        self.early = early and self.words <= self.block_w_send
+        # Dispatch send: a chunk's rows in one tile are loaded before the ack wait.
+        self.one_tile = self.words <= self.block_w_send
+        # Record pass: FB slots (t, k) per step (a [FB, E_L] one-hot); receive programs
+        # sum the [R * NC, E_L] chunk counts LB rows per step (one step at decode).
+        self.fb = _clamp(8192 // self.e_local_pad, 1, self.bt * self.k_pad)
+        self.lb = _clamp(8192 // self.e_local_pad, 1, _pow2(R * self.nc))
         self.layout = BufferLayout.build(
             R,
             T,
@@ -353,12 +347,9 @@ class TritonAllToAll:
         # combine send (or fused combine), combine recv; see `profile()`.
         n_prog = max(self.nc * R + R * self.rc, R * self.cc + self.nb)
         self.prof = torch.zeros(4, n_prog if self.prof_on else 1, 8, dtype=torch.int64, device=dev)
-        self.chunk_counts = torch.zeros(self.nc, self.num_experts, **i32)
-        self.chunk_hits = torch.zeros(self.nc, R, **i32)
         self.send_pos = torch.full((T, R), -1, **i32)
         self.comb_row = torch.full((R, T, K), -1, **i32)
         self.comb_w = torch.zeros(R, T, K, dtype=torch.float32, device=dev)
-        self.comb_ntok = torch.zeros(R, **i32)
         self.full_m = torch.full((1,), T, **i32)
         self._dummy_scale = torch.zeros(1, 1, **i32)
 
@@ -370,9 +361,7 @@ class TritonAllToAll:
             off_disp_flag=lay.disp_flag,
             off_disp_ack=lay.disp_ack,
             off_counts=lay.counts,
-            off_ntok=lay.ntok,
-            off_tok_e=lay.tok_e,
-            off_tok_q=lay.tok_q,
+            off_tok_eq=lay.tok_eq,
             off_tok_w=lay.tok_w,
             off_rows=lay.rows,
             off_scales=lay.scales,
@@ -473,28 +462,11 @@ class TritonAllToAll:
         bm = self._bound(bound_m)
         num_tokens = dp_x.shape[0]
         dummy = self._dummy_scale
-        send_args: tuple = (dummy, 0, dummy, 0, dummy, 0, dummy, 0, bm, 0, dummy, dummy, dummy)
-        recv_args: tuple = (dummy, dummy, 0, dummy, 0, dummy, dummy, dummy, 1)
+        send_args: tuple = (dummy, 0, dummy, 0, dummy, 0, dummy, 0, bm, 0, dummy)
+        recv_args: tuple = (dummy, dummy, 0, dummy, 0, dummy, dummy, 1)
         if do_send:
             idx = indices if indices.stride(-1) == 1 else indices.contiguous()
             w = weights if weights.stride(-1) == 1 else weights.contiguous()
-            if not self.fused_prefix:
-                self._launch(
-                    _dispatch_count_kernel,
-                    (self.nc, R),
-                    idx,
-                    idx.stride(0),
-                    bm,
-                    num_tokens,
-                    self.chunk_counts,
-                    self.chunk_hits,
-                    K=K,
-                    E_LOCAL=self.num_local_experts,
-                    E_LOCAL_PAD=self.e_local_pad,
-                    R=R,
-                    BT=self.bt,
-                    num_warps=self.num_warps,
-                )
             x = self._words(dp_x, "dp_x")
             if self.has_scale:
                 xs = dp_x_scale.contiguous().view(torch.int32)
@@ -512,8 +484,6 @@ class TritonAllToAll:
                 w.stride(0),
                 bm,
                 num_tokens,
-                self.chunk_counts,
-                self.chunk_hits,
                 self.send_pos,
             )
         if do_recv:
@@ -531,7 +501,6 @@ class TritonAllToAll:
                 stride_sr,
                 self.comb_row,
                 self.comb_w,
-                self.comb_ntok,
                 self.expert_padding,
             )
         n_send, n_recv = self.nc * R, R * self.rc
@@ -566,7 +535,8 @@ class TritonAllToAll:
                 BT=self.bt,
                 NC=self.nc,
                 NC_PAD=self.nc_pad,
-                CB=self.cb_prefix,
+                FB=self.fb,
+                LB=self.lb,
                 RB=self.rb,
                 RC=self.rc,
                 BLOCK_W_SEND=self.block_w_send,
@@ -574,12 +544,10 @@ class TritonAllToAll:
                 S_PAD=self.s_pad,
                 WORD=self.word_tl,
                 MAX_SPIN=self.max_spin,
-                FUSED_PREFIX=self.fused_prefix,
-                PB=self.pb,
                 SYNC2=self.sync == "v2",
                 ASM=self.asm,
                 PROF=self.prof_on,
-                EARLY=self.early,
+                ONE_TILE=self.one_tile,
                 DO_SEND=snd,
                 DO_RECV=rcv,
                 num_warps=self.num_warps,
@@ -612,11 +580,11 @@ class TritonAllToAll:
         R = self.world_size
         lay = self.layout
         dummy = self._dummy_scale
-        send_args: tuple = (dummy, 0, dummy, dummy, dummy)
+        send_args: tuple = (dummy, 0, dummy, dummy)
         recv_args: tuple = (dummy, 0, dummy, self.full_m, 0)
         if do_send:
             y = expert_y if expert_y.stride(-1) == 1 else expert_y.contiguous()
-            send_args = (y, y.stride(0), self.comb_row, self.comb_w, self.comb_ntok)
+            send_args = (y, y.stride(0), self.comb_row, self.comb_w)
         if do_recv:
             if out_tokens.stride(-1) != 1:
                 raise ValueError("out_tokens must have unit stride along H")
