@@ -32,7 +32,8 @@
  *
  * Progress: the progress thread spins spin_us after each event or submission,
  * then naps (sleep_us, doubling to 250 us). A *_wait call spins spin_us past
- * its last progress and drives progress itself meanwhile; the progress thread
+ * the engine's last progress (inflight_spin_us while its own writes are
+ * outstanding) and drives progress itself meanwhile; the progress thread
  * steps aside while it does (and 1 ms after it succeeded), so a process has
  * one busy thread, not two; a waiter that gives up wakes it. Fault injection
  * (fault_window > 0) holds arriving immediates and releases them late and out
@@ -141,6 +142,16 @@ struct pplx_engine_config {
 	 * instead of polling. 0 = never step aside (the progress thread polls
 	 * beside a spinning waiter and competes for the engine lock). */
 	uint32_t aside_us;
+	/* A waiter stops spinning after spin_us without progress, except while
+	 * this engine's own writes or sends are outstanding (posted or queued):
+	 * then it keeps spinning up to inflight_spin_us without progress (still
+	 * yielding the core between polls after 20 us). Their completion is on
+	 * its way (on shm it comes when the target's progress has copied a large
+	 * write, 1-3 ms for 4-16 MiB here); a waiter that sleeps meanwhile is
+	 * woken late (the progress thread naps by then) and the peer idles.
+	 * 0 = spin_us always. Any thread's progress counts: a waiter keeps
+	 * spinning while the progress thread moves data. */
+	uint32_t inflight_spin_us;
 };
 
 /* Statistics, a snapshot (pplx_engine_stats). */

@@ -36,6 +36,8 @@ void pplx_engine_config_init(struct pplx_engine_config *cfg)
 				* A/B, PERFORMANCE.md); worse at 16 MiB in the Python loop */
 	cfg->aside_us = 1000; /* see progress_main; 0 (never step aside): 8 B latency 2.7x raw
 			       * on the 4x H100 host's 64 vCPUs, 1.2-1.7x with 1000 */
+	cfg->inflight_spin_us = 20000; /* see engine_wait_cond and PERFORMANCE.md (Fabric):
+					* waits past 1 ms for own large shm writes */
 }
 
 static const char *expand_provider(const char *name)
@@ -283,8 +285,11 @@ bool engine_progress_locked(struct pplx_engine *e)
 		imm_release_held(e, false, &did);
 	if (atomic_load_explicit(&e->reap_dead, memory_order_relaxed))
 		watch_reap_locked(e, &did);
-	if (did && e->sleepers)
-		pthread_cond_broadcast(&e->cv);
+	if (did) {
+		counter_add_locked(&e->events, 1);
+		if (e->sleepers)
+			pthread_cond_broadcast(&e->cv);
+	}
 	return did;
 }
 
@@ -351,6 +356,7 @@ static void *progress_main(void *arg)
 
 	/* Timer slack: a 20 us nap should not become the default 50 us. */
 	prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
+	prctl(PR_SET_NAME, (unsigned long)"pplx-progress", 0, 0, 0); /* top, perf sched */
 	while (!atomic_load(&e->stop)) {
 		bool did, busy;
 		uint64_t now;
@@ -423,6 +429,7 @@ int pplx_engine_create(const struct pplx_engine_config *cfg, struct pplx_engine 
 	e->cfg.node = NULL;
 	e->n = (int)cfg->num_domains;
 	e->aside_ns = (uint64_t)cfg->aside_us * 1000;
+	e->inflight_spin_ns = (uint64_t)cfg->inflight_spin_us * 1000;
 	e->next_key = 1;
 	e->rng = cfg->fault_seed ? cfg->fault_seed : 0x9E3779B97F4A7C15ull;
 	snprintf(e->provider, sizeof(e->provider), "%s", expand_provider(cfg->provider));

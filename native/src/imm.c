@@ -117,6 +117,21 @@ void imm_release_held(struct pplx_engine *e, bool all, bool *did)
 #define YIELD_AFTER_NS 20000 /* spin this long without progress, then yield between polls */
 #define SPIN_CLOCK_EVERY 4 /* polls per clock read while spinning */
 
+/* How long a spinning waiter goes on without progress: spin_ns, or longer
+ * while this engine's own writes or sends are outstanding. Their completion
+ * is on its way; on shm it comes when the target's progress has copied the
+ * write (CMA, one process_vm_readv per write: 1-3 ms for 4-16 MiB on the CPU
+ * VM), and a waiter that sleeps meanwhile hears of it only when the progress
+ * thread, napping 20-250 us at a time by then, polls and wakes it: the peer
+ * idles in between (PERFORMANCE.md, Fabric: 4-16 MiB writes). */
+static uint64_t spin_limit(struct pplx_engine *e, uint64_t spin_ns)
+{
+	if (e->inflight_spin_ns > spin_ns &&
+	    atomic_load_explicit(&e->tx_outstanding, memory_order_relaxed))
+		return e->inflight_spin_ns;
+	return spin_ns;
+}
+
 int engine_wait_cond(struct pplx_engine *e, bool (*cond)(void *), void *arg, int64_t timeout_us)
 {
 	uint64_t t0 = 0;
@@ -131,7 +146,7 @@ int engine_wait_cond_from(struct pplx_engine *e, bool (*cond)(void *), void *arg
 			  int64_t timeout_us, uint64_t *t0)
 {
 	uint64_t spin_ns = (uint64_t)e->cfg.spin_us * 1000;
-	uint64_t now, deadline;
+	uint64_t now, deadline, ev;
 	int rc;
 
 	if (cond(arg))
@@ -148,7 +163,8 @@ int engine_wait_cond_from(struct pplx_engine *e, bool (*cond)(void *), void *arg
 	 * raw libfabric in an 8 B ping-pong. The timeout therefore counts from a
 	 * few polls (< 1 us) after the call. */
 	if (spin_ns) {
-		uint64_t last = 0; /* spin spin_ns past the last progress made */
+		uint64_t last = 0; /* spin past the last progress seen */
+		uint64_t seen = atomic_load_explicit(&e->events, memory_order_relaxed);
 		bool progressed = false;
 
 		deadline = UINT64_MAX;
@@ -185,11 +201,17 @@ int engine_wait_cond_from(struct pplx_engine *e, bool (*cond)(void *), void *arg
 					deadline = *t0 + (uint64_t)timeout_us * 1000;
 				last = now;
 			}
-			if (progressed) {
+			/* Progress by any thread counts: the progress thread may be
+			 * the one copying a large shm write (the lock is then busy
+			 * for milliseconds); going to sleep now would only add a
+			 * wake-up per arrival. */
+			ev = atomic_load_explicit(&e->events, memory_order_relaxed);
+			if (progressed || ev != seen) {
 				last = now;
+				seen = ev;
 				progressed = false;
 			}
-			if (now - last >= spin_ns || now >= deadline)
+			if (now >= deadline || now - last >= spin_limit(e, spin_ns))
 				break;
 			/* Past YIELD_AFTER_NS without progress, hand the core over
 			 * between polls: with more runnable threads than cores (the

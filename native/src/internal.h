@@ -158,6 +158,13 @@ struct pplx_engine {
 	struct pplx_op_list pending; /* met -FI_EAGAIN, to be posted */
 	struct pplx_op_list inflight;
 	uint64_t tx_inflight; /* writes and sends in `inflight` (it also holds recv slots) */
+	/* Writes and sends accepted and not yet complete (queued or in flight):
+	 * changed under the lock, read by spinning waiters without it. */
+	_Atomic uint64_t tx_outstanding;
+	/* Progress passes that did something, any thread's: changed under the
+	 * lock, read by spinning waiters without it (engine_wait_cond). */
+	_Atomic uint64_t events;
+	uint64_t inflight_spin_ns; /* cfg.inflight_spin_us */
 	struct pplx_op *free_ops;
 	uint32_t rr; /* round-robin domain for unsharded ops */
 	uint64_t next_key;
@@ -201,6 +208,14 @@ struct pplx_engine {
 	_Atomic int reap_dead; /* a peer died: the next progress pass fails its ops */
 	_Atomic uint64_t peers_dead, locks_recovered;
 };
+
+/* Add d to a counter only ever changed under the engine lock, for readers
+ * that do not take it: a relaxed load and store (no locked instruction). */
+static inline void counter_add_locked(_Atomic uint64_t *c, int64_t d)
+{
+	atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + (uint64_t)d,
+			      memory_order_relaxed);
+}
 
 /* error.c */
 int pplx_fail(int rc, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

@@ -119,6 +119,8 @@ void op_complete(struct pplx_engine *e, struct pplx_op *op, int err)
 		op->inflight = false;
 		e->tx_inflight--;
 	}
+	if (op->kind != OP_RECV)
+		counter_add_locked(&e->tx_outstanding, -1);
 	if (op->detached)
 		; /* counted when it was detached */
 	else if (err)
@@ -172,6 +174,8 @@ int op_submit(struct pplx_engine *e, struct pplx_op *op)
 {
 	int rc;
 
+	if (op->kind != OP_RECV)
+		counter_add_locked(&e->tx_outstanding, 1); /* op_complete takes it back */
 	/* Never enter libfabric for a dead peer: its shm lock may be held for
 	 * ever (peers.c); the op fails, its request reports it. */
 	if (peer_dead(op)) {

@@ -43,6 +43,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -342,6 +343,7 @@ static void *monitor_main(void *arg)
 	size_t cap = 0;
 	bool watching = false;
 
+	prctl(PR_SET_NAME, (unsigned long)"pplx-peers", 0, 0, 0);
 	while (!atomic_load(&e->stop)) {
 		size_t n = 1;
 		int rc;

@@ -114,6 +114,8 @@ class FabricBenchConfig:
     busy_poll_us: int | None = None
     # ... and while a waiter spins, nap aside_us at a time instead of polling (0: never).
     aside_us: int | None = None
+    # ... and waits spin this long without progress while own writes are outstanding.
+    inflight_spin_us: int | None = None
     # raw_bench: sched_yield() on an empty CQ instead of spinning (busy machines).
     raw_yield: bool = False
     # Also time each bw size with the engine's C streaming loop (kind "bw_c", no Python per
@@ -659,7 +661,7 @@ def _pplx_body(rank: int, port: int, cfg: FabricBenchConfig, q) -> None:
     peer_orig = _rank_data(cfg, peer) if rank == 1 else None
     knobs = {
         k: getattr(cfg, k)
-        for k in ("spin_us", "sleep_us", "busy_poll_us", "aside_us")
+        for k in ("spin_us", "sleep_us", "busy_poll_us", "aside_us", "inflight_spin_us")
         if getattr(cfg, k) is not None
     }
     with TransferEngine(provider=cfg.provider, node=cfg.node, **knobs) as eng:
@@ -1060,6 +1062,12 @@ def make_parser() -> argparse.ArgumentParser:
         help="engine progress thread step-aside nap while a waiter spins (0: never step aside)",
     )
     p.add_argument(
+        "--inflight-spin-us",
+        type=int,
+        help="engine waits: spin this long without progress while own writes are outstanding "
+        "(0: spin-us always)",
+    )
+    p.add_argument(
         "--pin",
         default="none",
         help="none (default): the scheduler places the ranks; auto: on > 4 CPUs, pin each "
@@ -1107,6 +1115,7 @@ def config_from_args(a: argparse.Namespace) -> FabricBenchConfig:
         ("sleep_us", a.sleep_us),
         ("busy_poll_us", a.busy_poll_us),
         ("aside_us", a.aside_us),
+        ("inflight_spin_us", a.inflight_spin_us),
         ("raw_yield", True if a.raw_poll == "yield" else None),
     ):
         if val is not None:

@@ -322,6 +322,10 @@ class TransferEngine:
         aside_us: while a waiter spins (driving progress itself), and this long after one
             succeeded, the progress thread naps `aside_us` at a time instead of polling; 0:
             never step aside (it polls beside the waiter and competes for the lock).
+        inflight_spin_us: while this engine's own writes or sends are outstanding, waits
+            keep spinning (yielding the core) this long without progress instead of
+            `spin_us`: their completion is coming (shm: when the target has copied a large
+            write), and a sleeping waiter hears of it late; 0: `spin_us` always.
         hmem: ask for FI_HMEM so CUDA memory registers directly (needs a CUDA-enabled
             libfabric, as the AWS EFA installer's).
     """
@@ -342,6 +346,7 @@ class TransferEngine:
         sleep_us: int = 20,
         busy_poll_us: int = 0,
         aside_us: int = 1000,
+        inflight_spin_us: int = 20000,
         hmem: bool = False,
     ):
         if not isinstance(provider, str) or not provider:
@@ -365,6 +370,7 @@ class TransferEngine:
         cfg.sleep_us = _check_int("sleep_us", sleep_us, 0, 1 << 20)
         cfg.busy_poll_us = _check_int("busy_poll_us", busy_poll_us, 0, 1 << 32)
         cfg.aside_us = _check_int("aside_us", aside_us, 0, 1 << 32)
+        cfg.inflight_spin_us = _check_int("inflight_spin_us", inflight_spin_us, 0, 1 << 32)
         cfg.hmem = bool(hmem)
         if fault_injection is not None:
             cfg.fault_window = _check_int(
