@@ -13,7 +13,7 @@ Regions (per rank; "src" indexes the rank that wrote the data):
 
 | region          | shape             | dtype   | written by                  |
 |-----------------|-------------------|---------|-----------------------------|
-| disp_flag       | [R, NC]           | int32   | dispatch send of src        |
+| disp_flag       | [R, 2, NC]        | int32   | dispatch send of src        |
 | disp_ack        | [R]               | int32   | dispatch recv of peer       |
 | comb_flag       | [R, CC]           | int32   | combine send of src         |
 | comb_ack        | [R]               | int32   | combine recv of peer        |
@@ -24,8 +24,9 @@ Regions (per rank; "src" indexes the rank that wrote the data):
 | scales          | [R, T, S]         | float32 | dispatch send of src (fp8)  |
 | comb_rows       | [R, T, H]         | out     | combine send of src         |
 
-NC / CC: send programs per destination of dispatch / combine (one flag slot each with the
-"v2" protocol; "v1" uses only column 0 as a per-source counter). `counts[src, c, e]`: slots
+NC / CC: token chunks per destination of dispatch / combine (with the "v2" protocol one
+flag slot per sender program: dispatch has two per chunk, A for records and B for rows;
+"v1" uses the first R slots as per-source counters). `counts[src, c, e]`: slots
 of src's token chunk c for local expert e; `tok_eq[src, t, k]`: `e * 65536 + q` (q: rank of
 the slot among chunk c's slots of expert e) or -1; rows, scales, tok_* and comb_rows are
 indexed by the source's token index t (the slot of token t).
@@ -79,6 +80,7 @@ class BufferLayout:
         out_elem_bytes: int,
         disp_signals: int = 1,
         comb_signals: int = 1,
+        disp_chunks: int = 1,
     ) -> BufferLayout:
         r, t, k = world_size, max_num_tokens, num_experts_per_token
         # Row stride rounded to 16 bytes: aligned 8-byte words and 16-byte vector stores.
@@ -88,7 +90,7 @@ class BufferLayout:
             ("disp_ack", 4 * r),
             ("comb_flag", 4 * r * comb_signals),
             ("comb_ack", 4 * r),
-            ("counts", 4 * r * disp_signals * num_local_experts),
+            ("counts", 4 * r * disp_chunks * num_local_experts),
             ("tok_eq", 4 * r * t * k),
             ("tok_w", 4 * r * t * k),
             ("rows", r * t * row_bytes),

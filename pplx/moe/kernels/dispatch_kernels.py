@@ -13,17 +13,21 @@ turns counts into the contract's positions (prefix over (source, chunk), padded 
 over experts) and fans the row out to the K' rows of `expert_x` it needs.
 
 `_dispatch_kernel`, one grid of send programs (c, d) and/or receive programs (s, rc):
-1. send (c, d): token chunk c to destination rank d: load the chunk's rows (before any
-   wait when a row fits one tile), wait for d's ack of the previous dispatch (buffer
-   reuse), store the rows of the tokens that reach d at `rows[rank, t]`, the records of
-   every slot of the chunk (-1 where the expert is not d's or t >= bound_m), the chunk's
-   counts per local expert of d, then signal slot (rank, c) of d's flags. No prefix over
-   earlier chunks: every send program does the same small amount of work.
-2. receive (s, rc): tokens rc * RB + [0, RB) of source s (one chunk: RB divides BT): wait
-   for every flag (the totals need every chunk of every source), compute the block start of
-   each local expert `first[e]` (padded prefix over experts of the totals) plus the slots
-   of (source, chunk) pairs before (s, c), place each slot at `start[e] + q`, keep the
-   row map and weights for combine, fan the rows out, ack the sources (last program).
+1. send, two programs per (token chunk c, destination rank d), each first waiting for d's
+   ack of the previous dispatch (buffer reuse); no prefix over earlier chunks in either:
+   - rows program: load the chunk's rows (before the wait when a row fits one tile),
+     store the rows of the tokens that reach d at `rows[rank, t]`, signal flag B of
+     (rank, c) in d;
+   - records program: the records of every slot of the chunk (-1 where the expert is not
+     d's or t >= bound_m) and the chunk's counts per local expert of d, signal flag A.
+   The two run side by side; records (small) land long before the rows.
+2. receive (s, rc): tokens rc * RB + [0, RB) of source s (one chunk c: RB divides BT):
+   wait for flag A of every (source, chunk) (the totals need them all), compute the block
+   start of each local expert `first[e]` (padded prefix over experts of the totals) plus
+   the slots of (source, chunk) pairs before (s, c), place each slot at `start[e] + q`,
+   keep the row map and weights for combine; then wait for flag B of (s, c) only (the
+   layout was computed while rows were still in flight) and fan the rows out; the last
+   program acks the sources.
 
 No host synchronisation; `bound_m` is read on the device; grids depend only on T_MAX, so
 the whole dispatch can be captured in a CUDA graph.
@@ -56,6 +60,7 @@ def _live_tokens(bound_m_ptr, num_tokens):
 def _dispatch_send(
     c,  # token chunk
     d,  # destination rank
+    rows,  # 1: the rows program of (c, d), 0: the records program
     prof_ptr,  # [8] int64 time stamps of this program (PROF only)
     x_ptr,  # [T, W] words
     stride_xt,
@@ -100,100 +105,112 @@ def _dispatch_send(
     PROF: tl.constexpr,
     ONE_TILE: tl.constexpr,
 ):
-    """Send program (c, d): token chunk c to destination rank d."""
+    """Send program (c, d) of token chunk c to destination rank d: its rows if `rows`
+    (then flag B of (rank, c) in d), else its records and counts (then flag A)."""
     stamp(prof_ptr, 0, PROF)
     m = _live_tokens(bound_m_ptr, num_tokens)
     t = c * BT + tl.arange(0, BT)  # [BT]
     t_ok = t < m
-    wo = tl.arange(0, BLOCK_W)
-    so = tl.arange(0, S_PAD)
-    xv = tl.zeros([BT, BLOCK_W], dtype=WORD)
-    sv = tl.zeros([BT, S_PAD], dtype=tl.int32)
-    if ONE_TILE:
-        # The chunk's rows and scales in one tile, loaded before the ack wait so their HBM
-        # latency overlaps it (input data: no ordering with the peers is involved).
-        xv = tl.load(
-            x_ptr + t[:, None] * stride_xt + wo[None, :], mask=t_ok[:, None] & (wo[None, :] < W)
-        )
-        if HAS_SCALE:
-            sv = tl.load(
-                xs_ptr + t[:, None] * stride_st + so[None, :],
-                mask=t_ok[:, None] & (so[None, :] < S),
-            )
-    # Whether token t reaches d: any of its K experts in d's block.
-    kk = tl.arange(0, K_PAD)
-    g2 = tl.load(
-        indices_ptr + t[:, None] * stride_it + kk[None, :],
-        mask=t_ok[:, None] & (kk[None, :] < K),
-        other=-1,
-    ).to(tl.int32)  # [BT, K]
-    on2 = (g2 >= d * E_LOCAL) & (g2 < (d + 1) * E_LOCAL)
-    hit = tl.max(on2.to(tl.int32), axis=1) > 0  # [BT]
-
     # The send side's own epoch (state[5]): in the fused kernel a send program may read
     # it while this rank's receive programs are bumping theirs (state[0]).
     epoch = tl.load(state_ptr + 5)
     # Buffer reuse: d must have consumed our previous dispatch before we overwrite it.
     ack = peer_ptr(table_ptr, rank, off_disp_ack, tl.int32) + d
-    if SYNC2:
-        wait_one_ge(ack, epoch, state_ptr + 4, MAX_SPIN, ASM)
+    flags = peer_ptr(table_ptr, d, off_disp_flag, tl.int32)
+    if rows:
+        wo = tl.arange(0, BLOCK_W)
+        so = tl.arange(0, S_PAD)
+        xv = tl.zeros([BT, BLOCK_W], dtype=WORD)
+        sv = tl.zeros([BT, S_PAD], dtype=tl.int32)
+        if ONE_TILE:
+            # The chunk's rows and scales in one tile, loaded before the ack wait so their
+            # HBM latency overlaps it (input data: no ordering with the peers is involved).
+            xv = tl.load(
+                x_ptr + t[:, None] * stride_xt + wo[None, :],
+                mask=t_ok[:, None] & (wo[None, :] < W),
+            )
+            if HAS_SCALE:
+                sv = tl.load(
+                    xs_ptr + t[:, None] * stride_st + so[None, :],
+                    mask=t_ok[:, None] & (so[None, :] < S),
+                )
+        # Whether token t reaches d: any of its K experts in d's block.
+        kk = tl.arange(0, K_PAD)
+        g2 = tl.load(
+            indices_ptr + t[:, None] * stride_it + kk[None, :],
+            mask=t_ok[:, None] & (kk[None, :] < K),
+            other=-1,
+        ).to(tl.int32)  # [BT, K]
+        on2 = (g2 >= d * E_LOCAL) & (g2 < (d + 1) * E_LOCAL)
+        hit = tl.max(on2.to(tl.int32), axis=1) > 0  # [BT]
+        if SYNC2:
+            wait_one_ge(ack, epoch, state_ptr + 4, MAX_SPIN, ASM)
+        else:
+            wait_ge(ack, epoch, state_ptr + 4, MAX_SPIN)
+        stamp(prof_ptr, 1, PROF)
+        dst = peer_ptr(table_ptr, d, off_rows, WORD) + (rank * T_MAX + t)[:, None] * ROW_WORDS
+        if ONE_TILE:
+            tl.store(dst + wo[None, :], xv, mask=hit[:, None] & (wo[None, :] < W))
+        else:
+            src = x_ptr + t[:, None] * stride_xt
+            for w0 in range(0, W, BLOCK_W):
+                ok = hit[:, None] & ((w0 + wo)[None, :] < W)
+                v = tl.load(src + (w0 + wo)[None, :], mask=ok)
+                tl.store(dst + (w0 + wo)[None, :], v, mask=ok)
+        if HAS_SCALE:
+            ok = hit[:, None] & (so[None, :] < S)
+            if not ONE_TILE:
+                sv = tl.load(xs_ptr + t[:, None] * stride_st + so[None, :], mask=ok)
+            dsc = peer_ptr(table_ptr, d, off_scales, tl.int32) + (rank * T_MAX + t)[:, None] * S
+            tl.store(dsc + so[None, :], sv, mask=ok)
+        tl.store(send_pos_ptr + t * R + d, tl.where(hit, t, -1), mask=t_ok)
+        stamp(prof_ptr, 2, PROF)
+        if SYNC2:
+            # v2: flag B (rows) of (rank, c) in d's [R, 2, NC] flags, value epoch + 1.
+            signal_set(flags + (rank * 2 + 1) * NC + c, epoch + 1)
+        else:
+            signal_add(flags + rank)
     else:
-        wait_ge(ack, epoch, state_ptr + 4, MAX_SPIN)
-    stamp(prof_ptr, 1, PROF)
-
-    # Rows first (their remote stores drain while the records are built): slot t.
-    dst = peer_ptr(table_ptr, d, off_rows, WORD) + (rank * T_MAX + t)[:, None] * ROW_WORDS
-    if ONE_TILE:
-        tl.store(dst + wo[None, :], xv, mask=hit[:, None] & (wo[None, :] < W))
-    else:
-        src = x_ptr + t[:, None] * stride_xt
-        for w0 in range(0, W, BLOCK_W):
-            ok = hit[:, None] & ((w0 + wo)[None, :] < W)
-            tl.store(dst + (w0 + wo)[None, :], tl.load(src + (w0 + wo)[None, :], mask=ok), mask=ok)
-    if HAS_SCALE:
-        ok = hit[:, None] & (so[None, :] < S)
-        if not ONE_TILE:
-            sv = tl.load(xs_ptr + t[:, None] * stride_st + so[None, :], mask=ok)
-        dsc = peer_ptr(table_ptr, d, off_scales, tl.int32) + (rank * T_MAX + t)[:, None] * S
-        tl.store(dsc + so[None, :], sv, mask=ok)
-    tl.store(send_pos_ptr + t * R + d, tl.where(hit, t, -1), mask=t_ok)
-    stamp(prof_ptr, 2, PROF)
-
-    # Records of every slot (t, k) of the chunk, in (t, k) order, FB slots per step:
-    # q = slots of the same local expert earlier in the chunk (one-hot, exclusive scan).
-    cols = tl.arange(0, E_LOCAL_PAD)
-    run = tl.zeros([E_LOCAL_PAD], dtype=tl.int32)  # slots per expert in earlier steps
-    tok_eq = peer_ptr(table_ptr, d, off_tok_eq, tl.int32) + rank * T_MAX * K
-    tok_w = peer_ptr(table_ptr, d, off_tok_w, tl.float32) + rank * T_MAX * K
-    for f0 in tl.static_range(0, BT * K_PAD, FB):
-        f = f0 + tl.arange(0, FB)
-        tf = c * BT + f // K_PAD
-        kf = f % K_PAD
-        ok = (kf < K) & (tf < m)
-        g = tl.load(indices_ptr + tf * stride_it + kf, mask=ok, other=-1).to(tl.int32)
-        on = ok & (g >= d * E_LOCAL) & (g < (d + 1) * E_LOCAL)
-        el = g - d * E_LOCAL
-        oh = ((el[:, None] == cols[None, :]) & on[:, None]).to(tl.int32)  # [FB, E_L]
-        before = tl.cumsum(oh, axis=0) - oh + run[None, :]
-        q = tl.sum(oh * before, axis=1)  # [FB]
-        run += tl.sum(oh, axis=0)
-        w = tl.load(weights_ptr + tf * stride_wt + kf, mask=ok, other=0.0)
-        # Every slot below T_MAX is written (-1 where not d's or t >= bound_m): the
-        # receiver reads all T_MAX slots of every source.
-        st_ok = (kf < K) & (tf < T_MAX)
-        tl.store(tok_eq + tf * K + kf, tl.where(on, el * 65536 + q, -1), mask=st_ok)
-        tl.store(tok_w + tf * K + kf, w, mask=st_ok)
-    cnt_dst = peer_ptr(table_ptr, d, off_counts, tl.int32) + (rank * NC + c) * E_LOCAL
-    tl.store(cnt_dst + cols, run, mask=cols < E_LOCAL)
+        if SYNC2:
+            wait_one_ge(ack, epoch, state_ptr + 4, MAX_SPIN, ASM)
+        else:
+            wait_ge(ack, epoch, state_ptr + 4, MAX_SPIN)
+        stamp(prof_ptr, 1, PROF)
+        # Records of every slot (t, k) of the chunk, in (t, k) order, FB slots per step:
+        # q = slots of the same local expert earlier in the chunk (one-hot, exclusive scan).
+        cols = tl.arange(0, E_LOCAL_PAD)
+        run = tl.zeros([E_LOCAL_PAD], dtype=tl.int32)  # slots per expert in earlier steps
+        tok_eq = peer_ptr(table_ptr, d, off_tok_eq, tl.int32) + rank * T_MAX * K
+        tok_w = peer_ptr(table_ptr, d, off_tok_w, tl.float32) + rank * T_MAX * K
+        for f0 in tl.static_range(0, BT * K_PAD, FB):
+            f = f0 + tl.arange(0, FB)
+            tf = c * BT + f // K_PAD
+            kf = f % K_PAD
+            f_ok = (kf < K) & (tf < m)
+            g = tl.load(indices_ptr + tf * stride_it + kf, mask=f_ok, other=-1).to(tl.int32)
+            on = f_ok & (g >= d * E_LOCAL) & (g < (d + 1) * E_LOCAL)
+            el = g - d * E_LOCAL
+            oh = ((el[:, None] == cols[None, :]) & on[:, None]).to(tl.int32)  # [FB, E_L]
+            before = tl.cumsum(oh, axis=0) - oh + run[None, :]
+            q = tl.sum(oh * before, axis=1)  # [FB]
+            run += tl.sum(oh, axis=0)
+            w = tl.load(weights_ptr + tf * stride_wt + kf, mask=f_ok, other=0.0)
+            # Every slot below T_MAX is written (-1 where not d's or t >= bound_m): the
+            # receiver reads all T_MAX slots of every source.
+            st_ok = (kf < K) & (tf < T_MAX)
+            tl.store(tok_eq + tf * K + kf, tl.where(on, el * 65536 + q, -1), mask=st_ok)
+            tl.store(tok_w + tf * K + kf, w, mask=st_ok)
+        cnt_dst = peer_ptr(table_ptr, d, off_counts, tl.int32) + (rank * NC + c) * E_LOCAL
+        tl.store(cnt_dst + cols, run, mask=cols < E_LOCAL)
+        stamp(prof_ptr, 2, PROF)
+        if SYNC2:
+            # v2: flag A (records) of (rank, c).
+            signal_set(flags + (rank * 2) * NC + c, epoch + 1)
+        else:
+            signal_add(flags + rank)
     stamp(prof_ptr, 3, PROF)
-    if SYNC2:
-        # v2: slot (rank, c) of d's [R, NC] flags, value epoch + 1.
-        signal_set(peer_ptr(table_ptr, d, off_disp_flag, tl.int32) + rank * NC + c, epoch + 1)
-    else:
-        signal_add(peer_ptr(table_ptr, d, off_disp_flag, tl.int32) + rank)
-    stamp(prof_ptr, 4, PROF)
     # The last send program to finish has read the epoch everywhere: next send epoch.
-    if last_program_done(state_ptr + 6, NC * R):
+    if last_program_done(state_ptr + 6, 2 * NC * R):
         tl.store(state_ptr + 5, epoch + 1)
 
 
@@ -249,20 +266,22 @@ def _dispatch_recv(
     stamp(prof_ptr, 0, PROF)
     epoch = tl.load(state_ptr)
     flags = peer_ptr(table_ptr, rank, off_disp_flag, tl.int32)
+    c = (rc * RB) // BT
     if SYNC2:
-        # Every chunk of every source (the totals need them all), in one vector poll.
+        # Flag A (records, counts) of every chunk of every source: the totals need them
+        # all; one vector poll. The rows of (s, c) are waited for below, after the layout.
         fr = tl.arange(0, R_PAD)[:, None]
         fc = tl.arange(0, NC_PAD)[None, :]
         need = (fr < R) & (fc < NC)
-        wait_all_ge(flags, fr * NC + fc, need, epoch + 1, state_ptr + 4, MAX_SPIN, ASM)
+        wait_all_ge(flags, fr * 2 * NC + fc, need, epoch + 1, state_ptr + 4, MAX_SPIN, ASM)
     else:
+        # v1: one counter per source, both programs of every (source, chunk) add 1.
         for r in range(R):
-            wait_ge(flags + r, (epoch + 1) * NC, state_ptr + 4, MAX_SPIN)
+            wait_ge(flags + r, (epoch + 1) * 2 * NC, state_ptr + 4, MAX_SPIN)
     stamp(prof_ptr, 1, PROF)
 
     # Counts [R * NC, E_L] of (source, chunk) pairs, LB pairs per step: totals per expert
     # and the slots of pairs before (s, c) (contract order: source, then token).
-    c = (rc * RB) // BT
     cols = tl.arange(0, E_LOCAL_PAD)
     counts = peer_ptr(table_ptr, rank, off_counts, tl.int32)
     total = tl.zeros([E_LOCAL_PAD], dtype=tl.int32)
@@ -314,6 +333,10 @@ def _dispatch_recv(
     slot = comb_row_ptr + (s * T_MAX + j) * K  # [RB]
 
     stamp(prof_ptr, 2, PROF)
+    if SYNC2:
+        # Flag B (rows) of (s, c): this program's rows have landed.
+        wait_one_ge(flags + (s * 2 + 1) * NC + c, epoch + 1, state_ptr + 4, MAX_SPIN, ASM)
+    stamp(prof_ptr, 3, PROF)
     # Fan out: read each received row once, store it to its K' rows of expert_x.
     src = peer_ptr(table_ptr, rank, off_rows, WORD) + (s * T_MAX + j)[:, None] * ROW_WORDS
     for w0 in range(0, W, BLOCK_W):
@@ -334,7 +357,7 @@ def _dispatch_recv(
             sdst = expert_xs_ptr + row_k[:, None] * stride_sr + so[None, :]
             tl.store(sdst, sv, mask=(row_k >= 0)[:, None] & s_ok)
 
-    stamp(prof_ptr, 3, PROF)
+    stamp(prof_ptr, 4, PROF)
     # The last program to finish has seen every program's reads: ack all sources, next epoch.
     if last_program_done(state_ptr + 2, R * RC):
         if SYNC2:
@@ -344,7 +367,7 @@ def _dispatch_recv(
                 ack = peer_ptr(table_ptr, peer, off_disp_ack, tl.int32) + rank
                 tl.atomic_xchg(ack, epoch + 1, sem="release", scope="sys")
         tl.store(state_ptr, epoch + 1)
-    stamp(prof_ptr, 4, PROF)
+    stamp(prof_ptr, 5, PROF)
 
 
 @triton.jit
@@ -412,8 +435,9 @@ def _dispatch_kernel(
     DO_SEND: tl.constexpr,
     DO_RECV: tl.constexpr,
 ):
-    """Grid (NC * R if DO_SEND) + (R * RC if DO_RECV): the send programs (c, d) first,
-    then the receive programs (s, rc); with both, one launch does the whole dispatch.
+    """Grid (2 * NC * R if DO_SEND) + (R * RC if DO_RECV): the send programs first (rows
+    programs (c, d), then records programs (c, d)), then the receive programs (s, rc); with
+    both, one launch does the whole dispatch.
 
     Warning: with DO_SEND and DO_RECV a receive program spins until send programs of this
     launch (its own rank's chunks to itself) have signalled. That relies on the blocks of
@@ -424,12 +448,14 @@ def _dispatch_kernel(
     index order (sends first) in each rank's process.
     """
     pid = tl.program_id(0)
-    n_send = NC * R if DO_SEND else 0  # constexpr: a half not asked for is not compiled
+    n_send = 2 * NC * R if DO_SEND else 0  # constexpr: a half not asked for is not compiled
     if DO_SEND:
         if pid < n_send:
+            # Rows programs first (the long pole), then records programs.
             _dispatch_send(
                 pid % NC,
-                pid // NC,
+                (pid // NC) % R,
+                pid < NC * R,
                 prof_ptr + pid * 8,
                 x_ptr,
                 stride_xt,

@@ -302,6 +302,8 @@ class TritonAllToAll:
         self.block_h_recv = _clamp(2 * cap // self.tb, 32, hpad)
         if os.environ.get("PPLX_MOE_COMB_BH"):  # tuning hook (benchmarks only)
             self.block_h_send = _pow2(int(os.environ["PPLX_MOE_COMB_BH"]))
+        if os.environ.get("PPLX_MOE_COMB_BHR"):  # tuning hook (benchmarks only)
+            self.block_h_recv = _pow2(int(os.environ["PPLX_MOE_COMB_BHR"]))
         self.nc_pad = _pow2(self.nc)
         # Dispatch send: a chunk's rows in one tile are loaded before the ack wait.
         self.one_tile = self.words <= self.block_w_send
@@ -319,7 +321,8 @@ class TritonAllToAll:
             self.hidden_dim_scale,
             self.has_scale,
             out_dtype.itemsize,
-            disp_signals=self.nc,
+            disp_signals=2 * self.nc,  # flags A (records) and B (rows) per chunk
+            disp_chunks=self.nc,
             comb_signals=self.cc,
         )
         self.row_words = self.layout.row_bytes // self.word_bytes
@@ -345,7 +348,7 @@ class TritonAllToAll:
         # Profiling (PPLX_MOE_PROF=1, CUDA): `[4, programs, 8]` int64 GPU clock stamps per
         # program of the launches dispatch send (or fused dispatch), dispatch recv,
         # combine send (or fused combine), combine recv; see `profile()`.
-        n_prog = max(self.nc * R + R * self.rc, R * self.cc + self.nb)
+        n_prog = max(2 * self.nc * R + R * self.rc, R * self.cc + self.nb)
         self.prof = torch.zeros(4, n_prog if self.prof_on else 1, 8, dtype=torch.int64, device=dev)
         self.send_pos = torch.full((T, R), -1, **i32)
         self.comb_row = torch.full((R, T, K), -1, **i32)
@@ -411,7 +414,7 @@ class TritonAllToAll:
             raise RuntimeError("profiling is off: set PPLX_MOE_PROF=1 before construction (CUDA)")
         p = self.prof.cpu()
         R = self.world_size
-        ds, dr, cs, cr = self.nc * R, R * self.rc, R * self.cc, self.nb
+        ds, dr, cs, cr = 2 * self.nc * R, R * self.rc, R * self.cc, self.nb
         if self.fused:
             return {
                 "dispatch-send": p[0, :ds],
@@ -503,7 +506,7 @@ class TritonAllToAll:
                 self.comb_w,
                 self.expert_padding,
             )
-        n_send, n_recv = self.nc * R, R * self.rc
+        n_send, n_recv = 2 * self.nc * R, R * self.rc
         if self.fused and do_send and do_recv:
             # One launch: send programs, then receive programs (dispatch_kernels.py).
             halves = [(True, True, n_send + n_recv, 0)]
