@@ -74,6 +74,8 @@ def _cases(world_size: int):
                     num_experts_per_token=3,
                     block_tokens=2,  # 3 chunks of 2 tokens
                     fused=True,  # one launch per phase: send programs, then receive ones
+                    # combine split in 3 parts along H: 128 + 128 + an empty one
+                    env={"PPLX_MOE_COMB_HS": "3"},
                 ),
                 [
                     Case("fp8 + scales, padding 16", 5, 256, 8, 3, FP8, 16, iters=2),

@@ -13,10 +13,13 @@ Arithmetic versus the contract (`sum over k in k order, f32`): the sum is regrou
 rank and each partial is rounded once to the output dtype, so the result differs from the
 reference by at most about 2 ulp of the output dtype times sum_k |w_k y_k| (tests bound it).
 
-1. `_combine_send_kernel`, grid (R, CC): for source s and a block of its tokens, the
+Both halves split the hidden dim into HS parts of HCHUNK columns, one program per part
+(decode: more, shorter programs in flight instead of one long chain of row loads each).
+
+1. `_combine_send_kernel`, grid (R, CC, HS): for source s and a block of its tokens, the
    weighted partial over local slots; stores into s's buffer; signals s. Waits first for
    s's ack of the previous combine (buffer reuse).
-2. `_combine_recv_kernel`, grid (NB,): wait for the send programs that wrote this
+2. `_combine_recv_kernel`, grid (NB, HS): wait for the send programs that wrote this
    program's rows (v2; v1: for every rank), add partials, write
    `out_tokens` rows t < bound_m (optionally accumulating); the last program acks.
 
@@ -46,6 +49,7 @@ from pplx.moe.kernels.sync_kernels import (
 def _combine_send(
     s,  # source rank (where the tokens came from)
     cc,  # block of CB tokens received from s
+    hs,  # part of the hidden dim: [hs * HCHUNK, (hs + 1) * HCHUNK)
     prof_ptr,  # [8] int64 time stamps of this program (PROF only)
     expert_y_ptr,  # [rows, H] out dtype
     stride_yr,
@@ -67,11 +71,14 @@ def _combine_send(
     OUT_DTYPE: tl.constexpr,
     MAX_SPIN: tl.constexpr,
     CC: tl.constexpr,
+    HS: tl.constexpr,
+    HCHUNK,
     SYNC2: tl.constexpr,
     ASM: tl.constexpr,
     PROF: tl.constexpr,
 ):
-    """Send program (s, cc): the partials of token slots cc * CB + [0, CB) of source s."""
+    """Send program (s, cc, hs): the partials of token slots cc * CB + [0, CB) of source s,
+    columns of part hs of the hidden dim."""
     stamp(prof_ptr, 0, PROF)
     # The send side's own epoch (state[7]; see _dispatch_send).
     epoch = tl.load(state_ptr + 7)
@@ -94,9 +101,10 @@ def _combine_send(
     dst = (
         peer_ptr(table_ptr, s, off_comb_rows, OUT_DTYPE) + (rank * T_MAX + j)[:, None] * COMB_STRIDE
     )
-    for h0 in range(0, H, BLOCK_H):
+    h_end = tl.minimum(H, (hs + 1) * HCHUNK)
+    for h0 in range(hs * HCHUNK, h_end, BLOCK_H):
         ho = h0 + tl.arange(0, BLOCK_H)
-        h_ok = ho < H
+        h_ok = ho < h_end
         acc = tl.zeros([CB, BLOCK_H], dtype=tl.float32)
         for k in tl.static_range(K):
             # Loads of slot k (L1 hits after the first h tile), not a reduction per k.
@@ -111,18 +119,20 @@ def _combine_send(
         tl.store(dst + ho[None, :], acc.to(OUT_DTYPE), mask=j_ok[:, None] & h_ok[None, :])
     stamp(prof_ptr, 2, PROF)
     if SYNC2:
-        # v2: slot (rank, cc) of s's [R, CC] flags, value epoch + 1.
-        signal_set(peer_ptr(table_ptr, s, off_comb_flag, tl.int32) + rank * CC + cc, epoch + 1)
+        # v2: slot (rank, cc, hs) of s's [R, CC, HS] flags, value epoch + 1.
+        flag = peer_ptr(table_ptr, s, off_comb_flag, tl.int32) + (rank * CC + cc) * HS + hs
+        signal_set(flag, epoch + 1)
     else:
         signal_add(peer_ptr(table_ptr, s, off_comb_flag, tl.int32) + rank)
     stamp(prof_ptr, 3, PROF)
-    if last_program_done(state_ptr + 8, R * CC):
+    if last_program_done(state_ptr + 8, R * CC * HS):
         tl.store(state_ptr + 7, epoch + 1)
 
 
 @triton.jit
 def _combine_recv(
     b,  # block of TB tokens of this rank
+    hs,  # part of the hidden dim: [hs * HCHUNK, (hs + 1) * HCHUNK)
     prof_ptr,  # [8] int64 time stamps of this program (PROF only)
     out_ptr,  # [T, H] out dtype
     stride_ot,
@@ -148,17 +158,20 @@ def _combine_recv(
     OUT_DTYPE: tl.constexpr,
     MAX_SPIN: tl.constexpr,
     CB: tl.constexpr,
+    HS: tl.constexpr,
+    HCHUNK,
     SYNC2: tl.constexpr,
     ASM: tl.constexpr,
     PROF: tl.constexpr,
 ):
-    """Receive program b: tokens b * TB + [0, TB) of this rank."""
+    """Receive program (b, hs): tokens b * TB + [0, TB) of this rank, columns of part hs
+    of the hidden dim."""
     stamp(prof_ptr, 0, PROF)
     epoch = tl.load(state_ptr + 1)
     flags = peer_ptr(table_ptr, rank, off_comb_flag, tl.int32)
     if not SYNC2:
         for r in range(R):
-            wait_ge(flags + r, (epoch + 1) * CC, state_ptr + 4, MAX_SPIN)
+            wait_ge(flags + r, (epoch + 1) * CC * HS, state_ptr + 4, MAX_SPIN)
     m = tl.minimum(tl.load(bound_m_ptr), num_tokens)
     t = b * TB + tl.arange(0, TB)  # [TB]
     t_ok = t < m
@@ -169,16 +182,18 @@ def _combine_recv(
         other=-1,
     )  # [TB, R]
     if SYNC2:
-        # Only the send programs that hold this program's rows: rank d's program
-        # pos // CB wrote row pos of d's part of the combine area (one vector poll).
+        # Only the send programs that hold this program's columns: rank d's program
+        # (pos // CB, hs) wrote them in row pos of d's part of the combine area (one
+        # vector poll).
         need = pos >= 0
-        fofs = rr[None, :] * CC + tl.where(need, pos, 0) // CB
+        fofs = (rr[None, :] * CC + tl.where(need, pos, 0) // CB) * HS + hs
         wait_all_ge(flags, fofs, need, epoch + 1, state_ptr + 4, MAX_SPIN, ASM)
     stamp(prof_ptr, 1, PROF)
     area = peer_ptr(table_ptr, rank, off_comb_rows, OUT_DTYPE)
-    for h0 in range(0, H, BLOCK_H):
+    h_end = tl.minimum(H, (hs + 1) * HCHUNK)
+    for h0 in range(hs * HCHUNK, h_end, BLOCK_H):
         ho = h0 + tl.arange(0, BLOCK_H)
-        h_ok = ho < H
+        h_ok = ho < h_end
         acc = tl.zeros([TB, BLOCK_H], dtype=tl.float32)
         for d in tl.static_range(R):
             p_r = tl.load(send_pos_ptr + t * R + d, mask=t_ok, other=-1)  # [TB], no reduction
@@ -195,7 +210,7 @@ def _combine_recv(
             acc = tl.load(o_ptr, mask=ok, other=0.0).to(tl.float32) + acc
         tl.store(o_ptr, acc.to(OUT_DTYPE), mask=ok)
     stamp(prof_ptr, 2, PROF)
-    if last_program_done(state_ptr + 3, NB):
+    if last_program_done(state_ptr + 3, NB * HS):
         if SYNC2:
             ack_peers(table_ptr, off_comb_ack, rank, epoch + 1, R, R_PAD)
         else:
@@ -220,7 +235,7 @@ def _combine_kernel(
     bound_m_ptr,
     num_tokens,
     # both
-    prof_ptr,  # [R * CC + NB, 8] int64 time stamps per program (PROF only)
+    prof_ptr,  # [(R * CC + NB) * HS, 8] int64 time stamps per program (PROF only)
     table_ptr,
     state_ptr,
     rank,
@@ -237,6 +252,8 @@ def _combine_kernel(
     CC: tl.constexpr,
     TB: tl.constexpr,
     NB: tl.constexpr,
+    HS: tl.constexpr,
+    HCHUNK,
     BLOCK_H_SEND: tl.constexpr,
     BLOCK_H_RECV: tl.constexpr,
     ACCUMULATE: tl.constexpr,
@@ -248,17 +265,19 @@ def _combine_kernel(
     DO_SEND: tl.constexpr,
     DO_RECV: tl.constexpr,
 ):
-    """Grid (R * CC if DO_SEND) + (NB if DO_RECV): the send programs (s, cc) first, then
+    """Grid (R * CC * HS if DO_SEND) + (NB * HS if DO_RECV): the send programs (s, cc, hs)
+    first, then
     the receive programs; with both, one launch does the whole combine (same forward-
     progress argument as `_dispatch_kernel`: receive programs only wait for programs of
     lower index, here and on the peers)."""
     pid = tl.program_id(0)
-    n_send = R * CC if DO_SEND else 0  # constexpr: a half not asked for is not compiled
+    n_send = R * CC * HS if DO_SEND else 0  # constexpr: a half not asked for is not compiled
     if DO_SEND:
         if pid < n_send:
             _combine_send(
                 pid % R,
-                pid // R,
+                pid // R // HS,
+                pid // R % HS,
                 prof_ptr + pid * 8,
                 expert_y_ptr,
                 stride_yr,
@@ -280,6 +299,8 @@ def _combine_kernel(
                 OUT_DTYPE,
                 MAX_SPIN,
                 CC,
+                HS,
+                HCHUNK,
                 SYNC2,
                 ASM,
                 PROF,
@@ -288,7 +309,8 @@ def _combine_kernel(
         q = pid - n_send
         if q >= 0:
             _combine_recv(
-                q,
+                q // HS,
+                q % HS,
                 prof_ptr + pid * 8,
                 out_ptr,
                 stride_ot,
@@ -314,6 +336,8 @@ def _combine_kernel(
                 OUT_DTYPE,
                 MAX_SPIN,
                 CB,
+                HS,
+                HCHUNK,
                 SYNC2,
                 ASM,
                 PROF,

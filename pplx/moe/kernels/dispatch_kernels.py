@@ -432,6 +432,7 @@ def _dispatch_kernel(
     ASM: tl.constexpr,
     PROF: tl.constexpr,
     ONE_TILE: tl.constexpr,
+    REC_FIRST: tl.constexpr,
     DO_SEND: tl.constexpr,
     DO_RECV: tl.constexpr,
 ):
@@ -451,11 +452,12 @@ def _dispatch_kernel(
     n_send = 2 * NC * R if DO_SEND else 0  # constexpr: a half not asked for is not compiled
     if DO_SEND:
         if pid < n_send:
-            # Rows programs first (the long pole), then records programs.
+            # Rows programs first (the long pole), then records programs (REC_FIRST: the
+            # other way round).
             _dispatch_send(
                 pid % NC,
                 (pid // NC) % R,
-                pid < NC * R,
+                (pid < NC * R) != REC_FIRST,
                 prof_ptr + pid * 8,
                 x_ptr,
                 stride_xt,

@@ -304,9 +304,19 @@ class TritonAllToAll:
             self.block_h_send = _pow2(int(os.environ["PPLX_MOE_COMB_BH"]))
         if os.environ.get("PPLX_MOE_COMB_BHR"):  # tuning hook (benchmarks only)
             self.block_h_recv = _pow2(int(os.environ["PPLX_MOE_COMB_BHR"]))
+        # Combine: programs per token block along the hidden dim (each takes HCHUNK
+        # columns, a multiple of 64).
+        self.hs = 1
+        if os.environ.get("PPLX_MOE_COMB_HS"):  # tuning hook (benchmarks only)
+            self.hs = _clamp(
+                int(os.environ["PPLX_MOE_COMB_HS"]), 1, triton.cdiv(self.hidden_dim, 64)
+            )
+        self.hchunk = triton.cdiv(triton.cdiv(self.hidden_dim, self.hs), 64) * 64
         self.nc_pad = _pow2(self.nc)
         # Dispatch send: a chunk's rows in one tile are loaded before the ack wait.
         self.one_tile = self.words <= self.block_w_send
+        # Dispatch send grid order: rows programs first (default) or records programs.
+        self.rec_first = os.environ.get("PPLX_MOE_REC_FIRST", "0") == "1"  # tuning hook
         # Record pass: FB slots (t, k) per step (a [FB, E_L] one-hot); receive programs
         # sum the [R * NC, E_L] chunk counts LB rows per step (one step at decode).
         self.fb = _clamp(8192 // self.e_local_pad, 1, self.bt * self.k_pad)
@@ -323,7 +333,7 @@ class TritonAllToAll:
             out_dtype.itemsize,
             disp_signals=2 * self.nc,  # flags A (records) and B (rows) per chunk
             disp_chunks=self.nc,
-            comb_signals=self.cc,
+            comb_signals=self.cc * self.hs,
         )
         self.row_words = self.layout.row_bytes // self.word_bytes
         self.num_warps = 8 if self.device.type == "cuda" else 4
@@ -348,7 +358,7 @@ class TritonAllToAll:
         # Profiling (PPLX_MOE_PROF=1, CUDA): `[4, programs, 8]` int64 GPU clock stamps per
         # program of the launches dispatch send (or fused dispatch), dispatch recv,
         # combine send (or fused combine), combine recv; see `profile()`.
-        n_prog = max(2 * self.nc * R + R * self.rc, R * self.cc + self.nb)
+        n_prog = max(2 * self.nc * R + R * self.rc, (R * self.cc + self.nb) * self.hs)
         self.prof = torch.zeros(4, n_prog if self.prof_on else 1, 8, dtype=torch.int64, device=dev)
         self.send_pos = torch.full((T, R), -1, **i32)
         self.comb_row = torch.full((R, T, K), -1, **i32)
@@ -414,7 +424,8 @@ class TritonAllToAll:
             raise RuntimeError("profiling is off: set PPLX_MOE_PROF=1 before construction (CUDA)")
         p = self.prof.cpu()
         R = self.world_size
-        ds, dr, cs, cr = 2 * self.nc * R, R * self.rc, R * self.cc, self.nb
+        ds, dr = 2 * self.nc * R, R * self.rc
+        cs, cr = R * self.cc * self.hs, self.nb * self.hs
         if self.fused:
             return {
                 "dispatch-send": p[0, :ds],
@@ -551,6 +562,7 @@ class TritonAllToAll:
                 ASM=self.asm,
                 PROF=self.prof_on,
                 ONE_TILE=self.one_tile,
+                REC_FIRST=self.rec_first,
                 DO_SEND=snd,
                 DO_RECV=rcv,
                 num_warps=self.num_warps,
@@ -598,7 +610,7 @@ class TritonAllToAll:
                 self._bound(bound_m),
                 out_tokens.shape[0],
             )
-        n_send, n_recv = R * self.cc, self.nb
+        n_send, n_recv = R * self.cc * self.hs, self.nb * self.hs
         if self.fused and do_send and do_recv:
             halves = [(True, True, n_send + n_recv, 2)]
         else:
@@ -627,6 +639,8 @@ class TritonAllToAll:
                 CC=self.cc,
                 TB=self.tb,
                 NB=self.nb,
+                HS=self.hs,
+                HCHUNK=self.hchunk,
                 BLOCK_H_SEND=self.block_h_send,
                 BLOCK_H_RECV=self.block_h_recv,
                 ACCUMULATE=bool(accumulate),
