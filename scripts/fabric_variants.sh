@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # The shm fabric benchmark (issue 2 targets) under several placements and engine policies,
-# back to back on one machine: unpinned vs pinned ranks, then pinned with each progress-policy
-# knob changed alone. Meant for a quiet many-core host (the 4x H100 machine's 64 cores); on
-# the 2-core CI VM `--pin auto` pins nothing and runs minutes apart differ by up to 2x.
-#   usage: bash scripts/fabric_variants.sh [OUT]     (BUDGET_S=190 VARIANTS="pin nopin ...")
-# Each variant: `python -m pplx.bench fabric --provider shm --rounds 2 --tests lat,bw
-# --sizes 1M,4M,16M,64M` (~20-30 s: two raw_bench runs and one pplx spawn per round).
+# back to back on one machine, raw libfabric measured in the same run as pplx for each.
+# Meant for a quiet many-core host (the 4x H100 machine's 64 cores); on the 2-core CI VM
+# `--pin auto` pins nothing and runs minutes apart differ by up to 2x.
+#   usage: bash scripts/fabric_variants.sh [OUT]     (BUDGET_S=225 VARIANTS="new ...")
+# Each variant: `python -m pplx.bench fabric --provider shm --rounds R --tests lat,bw
+# --sizes 1M,4M,16M,64M` (R=3: ~35-45 s, one raw_bench run and one pplx spawn per round;
+# `best` variants: R=2, two of each per round).
+# Default set (2026-11-28, after inflight_spin_us): the new defaults (`new`, raw and pplx one
+# run each per round), the previous wait policy (`inflight0`: --inflight-spin-us 0), both
+# with two draws each (`best`: --raw-poll best), then `new` and `inflight0` again so that
+# each policy is measured twice, alternated. ~4 minutes in all; what would not fit in
+# BUDGET_S is skipped.
 # Writes $OUT/host.txt (CPU topology, load, libfabric), $OUT/variants.log (every run's
 # output), $OUT/fabric_variants.csv (all rows, a `variant` column first), and prints the
 # PASS/MISS lines per variant and a summary table last. Variants that would not finish
@@ -13,17 +19,21 @@
 set -uo pipefail
 OUT=${1:-${OUT:-/tmp/fabric_variants}}
 PY=${PY:-python3}
-BUDGET_S=${BUDGET_S:-190}
-PER_RUN_S=${PER_RUN_S:-45}
-VARIANTS=${VARIANTS:-"pin nopin pin_busy pin_aside0 pin_spin pin_aside20"}
-# 2026-11-28 on the 4x H100 host (PERFORMANCE.md, Fabric): 5 variants in ~170 s; pin_aside20
-# was skipped by the budget. Next: e.g. VARIANTS="nopin nopin_rawspin aside20 nopin_busy".
+BUDGET_S=${BUDGET_S:-225}
+PER_RUN_S=${PER_RUN_S:-70}
+VARIANTS=${VARIANTS:-"new inflight0 best new_b inflight0_b"}
+# 2026-11-28 01:43 UTC on the 4x H100 host (PERFORMANCE.md, Fabric): "pin nopin pin_busy
+# pin_aside0 pin_spin" (then the defaults) in ~170 s; placement made no difference.
 mkdir -p "$OUT"
 TMP=$(mktemp -d /tmp/fabric_variants.XXXXXX)
 export PYTHONUNBUFFERED=1
 
 args_of() {
   case $1 in
+    # (each comes after COMMON on the command line: its --rounds wins)
+    new | new_b) echo "--rounds 3 --pin none --raw-poll spin" ;;
+    inflight0 | inflight0_b) echo "--rounds 3 --pin none --raw-poll spin --inflight-spin-us 0" ;;
+    best) echo "--rounds 2 --pin none --raw-poll best" ;;
     pin) echo "--pin auto" ;;
     nopin) echo "--pin none" ;;
     pin_busy) echo "--pin auto --busy-poll-us 20000" ;;
@@ -36,6 +46,7 @@ args_of() {
     # raw_bench once per round (spin) instead of the faster of spin and yield per case: as
     # many runs as pplx gets, so that run-to-run spread does not favour one side.
     nopin_rawspin) echo "--pin none --raw-poll spin" ;;
+    nopin_best) echo "--pin none --raw-poll best" ;;
     *) echo "unknown variant $1" >&2; return 1 ;;
   esac
 }
@@ -55,6 +66,7 @@ args_of() {
 head -12 "$OUT/host.txt"
 
 COMMON="--provider shm --rounds 2 --tests lat,bw --sizes 1M,4M,16M,64M --no-png --no-progress"
+# (a variant's own --rounds, after COMMON, overrides the 2)
 est=$PER_RUN_S # a run's expected seconds: the last run's time + 5 once there is one
 for v in $VARIANTS; do
   a=$(args_of "$v") || continue

@@ -7,9 +7,13 @@
 Runs the same three measurements twice in one run, each with two processes on this machine:
 
 - `raw`: `native/bench/raw_bench` (built here on demand with `cc ... -lfabric`): one
-  FI_EP_RDM endpoint, fi_writedata with remote CQ data, one thread polling its CQ. By default
-  (`--raw-poll best`) it runs twice, spinning on an empty CQ and yielding the core, and each
-  case keeps the faster: the strongest plain-libfabric bar on a busy or an idle machine.
+  FI_EP_RDM endpoint, fi_writedata with remote CQ data, one thread spinning on its CQ. It runs
+  once per round, as pplx does (`--raw-poll spin`, the default). `--raw-poll best` runs it
+  twice per round, spinning and yielding the core on an empty CQ, and keeps per case the
+  faster, and then runs pplx twice per round too, keeping per case its faster: two draws
+  each (runs minutes apart differ by more than the targets' margins, so the better of two
+  draws against one would favour raw; PERFORMANCE.md, Fabric). On a loaded machine raw's
+  spin mode can lose whole scheduler slices (1.2 GB/s instead of 8): use `best` there.
 - `pplx`: `pplx.fabric.TransferEngine` (C progress thread, ImmCounter, requests).
 
 Measurements (the pattern is the same in both):
@@ -1077,8 +1081,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--raw-poll",
         choices=("spin", "yield", "best"),
-        default="best",
-        help="raw_bench CQ polling: spin, yield the core when empty, or best of both per case",
+        default="spin",
+        help="raw_bench CQ polling: spin (default: one run per round, as pplx), yield the core "
+        "when empty, or best: per case the faster of spin and yield, and of two pplx runs",
     )
     p.add_argument(
         "--engine-bw",
@@ -1140,7 +1145,7 @@ def main(argv: list[str] | None = None) -> int:
 
     binary = build_raw()
     bar = tqdm(
-        total=(2 + (a.raw_poll == "best")) * a.rounds * cfg.num_results(),
+        total=2 * (1 + (a.raw_poll == "best")) * a.rounds * cfg.num_results(),
         desc=f"fabric {cfg.provider}",
         unit="case",
         disable=a.no_progress,
@@ -1163,8 +1168,17 @@ def main(argv: list[str] | None = None) -> int:
             raw_round = run_raw_best(cfg, binary, on_result=tick("raw"))
         else:
             raw_round = run_raw(cfg, binary, on_result=tick("raw"))
+            for m in raw_round:
+                m.notes = f"raw poll={a.raw_poll}, one run per round"
         raw = merge_rounds(raw, raw_round)
-        pplx = merge_rounds(pplx, run_pplx(cfg, on_result=tick("pplx")))
+        if a.raw_poll == "best":
+            # As many draws for pplx: two runs, per case the faster (same rule as raw's).
+            pplx_round = best_of(*(run_pplx(cfg, on_result=tick("pplx")) for _ in range(2)))
+            for m in pplx_round:
+                m.notes = "; ".join(x for x in (m.notes, "pplx best of 2 runs") if x)
+        else:
+            pplx_round = run_pplx(cfg, on_result=tick("pplx"))
+        pplx = merge_rounds(pplx, pplx_round)
     bar.close()
     load = max(load0, os.getloadavg()[0])
     rows = to_rows(cfg, raw, pplx)

@@ -714,8 +714,10 @@ def test_measure_stream_in_c(pair):
         dict(aside_us=0),  # the progress thread never steps aside: it polls beside waiters
         dict(aside_us=20000),  # long step-aside naps: posts after a wait rely on its return
         dict(busy_poll_us=5000, spin_us=50),
+        dict(inflight_spin_us=0, spin_us=50),  # waits sleep soon, writes in flight or not
+        dict(inflight_spin_us=200000, spin_us=50),  # waits spin long while writes are out
     ],
-    ids=["aside0", "aside20ms", "busy_poll"],
+    ids=["aside0", "aside20ms", "busy_poll", "inflight0", "inflight200ms"],
 )
 def test_progress_policies_move_data_exactly(knobs):
     # Every policy knob changes who drives progress and when, never what arrives: a
