@@ -113,9 +113,10 @@ class TritonAllToAll:
             (`sync_kernels.py` describes both).
         fused: one launch per phase (send programs, then receive programs in the same
             grid) instead of a send launch and a receive launch when a call does both
-            halves (default: decode, max_num_tokens <= 512, at world size <= 2, where it
-            was measured faster; `PPLX_MOE_FUSED=0/1` overrides; `dispatch_kernels.py`,
-            `_dispatch_kernel`, states what it relies on).
+            halves, for both phases (default: where measured faster: dispatch at decode,
+            max_num_tokens <= 512; combine at decode and world size <= 2;
+            `PPLX_MOE_FUSED=0/1` overrides; `dispatch_kernels.py`, `_dispatch_kernel`,
+            states what it relies on).
     """
 
     def __init__(
@@ -194,15 +195,16 @@ class TritonAllToAll:
     ) -> None:
         """Sizes, buffer layout and tiles (no allocation; self.device must be set)."""
         self.world_size = world_size
-        # Decode tunings that differ by world size, measured on 4 H100 against the previous
-        # default in the same run (2026-11-28, PERFORMANCE.md; with the layout before the
-        # token-slot one): at EP2 the fused launch was faster (dispatch 39.7 -> 37.7 us,
-        # combine 29.9 -> 27.3), at EP4 not.
-        small_r = world_size <= 2 and int(max_num_tokens) <= 512
-        if fused is None:
-            env = os.environ.get("PPLX_MOE_FUSED")
-            fused = env == "1" if env is not None else small_r
-        self.fused = bool(fused)
+        # One launch per phase or two, measured on 4 H100 with the token-slot layout, same
+        # runs (2026-11-28, PERFORMANCE.md): dispatch fused faster at decode (EP4 32.6 vs
+        # 33.4 us, 33.8 vs 34.4; EP2 24.1 vs 26.7), combine fused faster at EP2 only (26.8
+        # vs 29.3; EP4 45.7 vs 44.6, 46.1 vs 44.7).
+        decode = int(max_num_tokens) <= 512
+        env = os.environ.get("PPLX_MOE_FUSED")
+        if fused is None and env is not None:
+            fused = env == "1"
+        self.fused_disp = decode if fused is None else bool(fused)
+        self.fused_comb = (decode and world_size <= 2) if fused is None else bool(fused)
         # Clock stamps need PTX (`%globaltimer`): CUDA only.
         self.prof_on = os.environ.get("PPLX_MOE_PROF", "0") == "1" and self.device.type == "cuda"
         sync = sync if sync is not None else os.environ.get("PPLX_MOE_SYNC", "v2")
@@ -300,6 +302,11 @@ class TritonAllToAll:
         hpad = _pow2(self.hidden_dim)
         self.block_h_send = _clamp(cap // self.cb, 32, hpad)
         self.block_h_recv = _clamp(2 * cap // self.tb, 32, hpad)
+        if tuned and T <= 512 and self.device.type == "cuda":
+            # Decode combine: 2048-column tiles (both halves: 107 / 70 registers instead of
+            # 196 / 255 with spills; 4 programs per SM; 4 H100 EP4 combine 44.1 vs 45.0 us
+            # and 43.6 vs 44.6, same runs, 2026-11-28).
+            self.block_h_send = self.block_h_recv = min(2048, hpad)
         if os.environ.get("PPLX_MOE_COMB_BH"):  # tuning hook (benchmarks only)
             self.block_h_send = _pow2(int(os.environ["PPLX_MOE_COMB_BH"]))
         if os.environ.get("PPLX_MOE_COMB_BHR"):  # tuning hook (benchmarks only)
@@ -336,13 +343,17 @@ class TritonAllToAll:
             comb_signals=self.cc * self.hs,
         )
         self.row_words = self.layout.row_bytes // self.word_bytes
+        # Dispatch: 8 warps a program; 4 at decode (4 H100 EP4, fused, same runs,
+        # 2026-11-28: 32.5 vs 33.8 us, 33.0 vs 33.6).
         self.num_warps = 8 if self.device.type == "cuda" else 4
+        if self.device.type == "cuda" and T <= 512:
+            self.num_warps = 4
         if os.environ.get("PPLX_MOE_NUM_WARPS"):  # tuning hook (benchmarks only)
             self.num_warps = int(os.environ["PPLX_MOE_NUM_WARPS"])
-        # Combine: 4 warps a program at decode. 4 H100, EP4, same runs (2026-11-28): combine
-        # 43.9 us with 4 warps vs 47.9 with 8; combine send 28.3 vs 33.1 (dispatch wants 8:
-        # 44.4 vs 37.8 us); EP2 unchanged (29.9 vs 29.6).
-        self.num_warps_comb = 4 if self.device.type == "cuda" and T <= 512 else self.num_warps
+        # Combine: 4 warps a program at decode. 4 H100, EP4, same runs (2026-11-28, the
+        # layout before the token-slot one): combine 43.9 us with 4 warps vs 47.9 with 8;
+        # combine send 28.3 vs 33.1; EP2 unchanged (29.9 vs 29.6).
+        self.num_warps_comb = 8 if self.device.type == "cuda" and T > 512 else 4
         if os.environ.get("PPLX_MOE_COMB_WARPS"):  # tuning hook (benchmarks only)
             self.num_warps_comb = int(os.environ["PPLX_MOE_COMB_WARPS"])
 
@@ -426,18 +437,14 @@ class TritonAllToAll:
         R = self.world_size
         ds, dr = 2 * self.nc * R, R * self.rc
         cs, cr = R * self.cc * self.hs, self.nb * self.hs
-        if self.fused:
-            return {
-                "dispatch-send": p[0, :ds],
-                "dispatch-recv": p[0, ds : ds + dr],
-                "combine-send": p[2, :cs],
-                "combine-recv": p[2, cs : cs + cr],
-            }
+        # A fused launch wrote both halves into one slot, send programs first.
+        dr0 = (0, ds) if self.fused_disp else (1, 0)
+        cr0 = (2, cs) if self.fused_comb else (3, 0)
         return {
             "dispatch-send": p[0, :ds],
-            "dispatch-recv": p[1, :dr],
+            "dispatch-recv": p[dr0[0], dr0[1] : dr0[1] + dr],
             "combine-send": p[2, :cs],
-            "combine-recv": p[3, :cr],
+            "combine-recv": p[cr0[0], cr0[1] : cr0[1] + cr],
         }
 
     def _after_launch(self) -> None:
@@ -518,7 +525,7 @@ class TritonAllToAll:
                 self.expert_padding,
             )
         n_send, n_recv = 2 * self.nc * R, R * self.rc
-        if self.fused and do_send and do_recv:
+        if self.fused_disp and do_send and do_recv:
             # One launch: send programs, then receive programs (dispatch_kernels.py).
             halves = [(True, True, n_send + n_recv, 0)]
         else:
@@ -611,7 +618,7 @@ class TritonAllToAll:
                 out_tokens.shape[0],
             )
         n_send, n_recv = R * self.cc * self.hs, self.nb * self.hs
-        if self.fused and do_send and do_recv:
+        if self.fused_comb and do_send and do_recv:
             halves = [(True, True, n_send + n_recv, 2)]
         else:
             halves = [(True, False, n_send, 2)] if do_send else []
