@@ -20,7 +20,7 @@ set -uo pipefail
 OUT=${1:-${OUT:-/tmp/fabric_variants}}
 PY=${PY:-python3}
 BUDGET_S=${BUDGET_S:-225}
-PER_RUN_S=${PER_RUN_S:-70}
+PER_RUN_S=${PER_RUN_S:-90}
 VARIANTS=${VARIANTS:-"new inflight0 best new_b inflight0_b"}
 # 2026-11-28 01:43 UTC on the 4x H100 host (PERFORMANCE.md, Fabric): "pin nopin pin_busy
 # pin_aside0 pin_spin" (then the defaults) in ~170 s; placement made no difference.
