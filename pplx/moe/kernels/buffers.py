@@ -13,23 +13,25 @@ Regions (per rank; "src" indexes the rank that wrote the data):
 
 | region          | shape             | dtype   | written by                  |
 |-----------------|-------------------|---------|-----------------------------|
-| disp_flag       | [R, 2, NC]        | int32   | dispatch send of src        |
+| disp_flag       | [R, NC]           | int32   | dispatch send of src        |
 | disp_ack        | [R]               | int32   | dispatch recv of peer       |
 | comb_flag       | [R, CC]           | int32   | combine send of src         |
 | comb_ack        | [R]               | int32   | combine recv of peer        |
-| counts          | [R, NC, E_local]  | int32   | dispatch send of src        |
-| tok_eq          | [R, T, K]         | int32   | dispatch send of src        |
-| tok_w           | [R, T, K]         | float32 | dispatch send of src        |
+| counts          | [R, NC, E_local]  | int64   | dispatch send of src (tagged)|
+| tok_eq          | [R, T, K]         | int64   | dispatch send of src (tagged)|
+| tok_w           | [R, T, K]         | int64   | dispatch send of src (tagged)|
 | rows            | [R, T, row_bytes] | bytes   | dispatch send of src        |
 | scales          | [R, T, S]         | float32 | dispatch send of src (fp8)  |
 | comb_rows       | [R, T, H]         | out     | combine send of src         |
 
 NC / CC: token chunks per destination of dispatch / combine (with the "v2" protocol one
-flag slot per sender program: dispatch has two per chunk, A for records and B for rows;
-"v1" uses the first R slots as per-source counters). `counts[src, c, e]`: slots
-of src's token chunk c for local expert e; `tok_eq[src, t, k]`: `e * 65536 + q` (q: rank of
-the slot among chunk c's slots of expert e) or -1; rows, scales, tok_* and comb_rows are
-indexed by the source's token index t (the slot of token t).
+flag slot per sender program that moves rows; "v1" uses the first R slots as per-source
+counters). Tagged regions hold 64-bit words `(epoch + 1) << 32 | payload`, stored with no
+fence and polled by the receiver (`store_tagged` in sync_kernels.py). Payloads:
+`counts[src, c, e]`: slots of src's token chunk c for local expert e; `tok_eq[src, t, k]`:
+`e * 65536 + q` (q: rank of the slot among chunk c's slots of expert e) or -1;
+`tok_w[src, t, k]`: the weight's f32 bits. Rows, scales, tok_* and comb_rows are indexed
+by the source's token index t (the slot of token t).
 
 Each region starts on a 128-byte boundary, so rows can move as 8-byte words.
 """
@@ -90,9 +92,9 @@ class BufferLayout:
             ("disp_ack", 4 * r),
             ("comb_flag", 4 * r * comb_signals),
             ("comb_ack", 4 * r),
-            ("counts", 4 * r * disp_chunks * num_local_experts),
-            ("tok_eq", 4 * r * t * k),
-            ("tok_w", 4 * r * t * k),
+            ("counts", 8 * r * disp_chunks * num_local_experts),
+            ("tok_eq", 8 * r * t * k),
+            ("tok_w", 8 * r * t * k),
             ("rows", r * t * row_bytes),
             ("scales", 4 * r * t * hidden_dim_scale if has_scale else 0),
             ("comb_rows", r * t * _align(hidden_dim * out_elem_bytes, 16)),

@@ -16,18 +16,23 @@ over experts) and fans the row out to the K' rows of `expert_x` it needs.
 1. send, two programs per (token chunk c, destination rank d), each first waiting for d's
    ack of the previous dispatch (buffer reuse); no prefix over earlier chunks in either:
    - rows program: load the chunk's rows (before the wait when a row fits one tile),
-     store the rows of the tokens that reach d at `rows[rank, t]`, signal flag B of
-     (rank, c) in d;
+     store the rows of the tokens that reach d at `rows[rank, t]`, then signal flag
+     (rank, c) of d (a system-scope release: waits until the rows have drained);
    - records program: the records of every slot of the chunk (-1 where the expert is not
-     d's or t >= bound_m) and the chunk's counts per local expert of d, signal flag A.
-   The two run side by side; records (small) land long before the rows.
-2. receive (s, rc): tokens rc * RB + [0, RB) of source s (one chunk c: RB divides BT):
-   wait for flag A of every (source, chunk) (the totals need them all), compute the block
-   start of each local expert `first[e]` (padded prefix over experts of the totals) plus
-   the slots of (source, chunk) pairs before (s, c), place each slot at `start[e] + q`,
-   keep the row map and weights for combine; then wait for flag B of (s, c) only (the
-   layout was computed while rows were still in flight) and fan the rows out; the last
-   program acks the sources.
+     d's or t >= bound_m) and the chunk's counts per local expert of d, as tagged words
+     (`(epoch + 1) << 32 | payload`, each one 8-byte store) with no fence and no flag: a
+     release fence on an SM waits behind the rows' NVLink stores (clock stamps: a records
+     flag landed no earlier than the rows), tagged words land as soon as they are stored.
+2. receive, one launch of a layout program then programs (s, rc):
+   - layout: poll the tagged counts of every (source, chunk), publish (this GPU) the row
+     of expert_x where each (source, chunk)'s slots of local expert e start: `first[e]`
+     (padded prefix over experts of the totals) plus the slots of earlier pairs, and
+     expert_num_tokens;
+   - (s, rc): token slots rc * RB + [0, RB) of source s (one chunk c: RB divides BT): wait
+     for the layout, poll its tagged records, place each slot at `start[s, c, e] + q`, keep
+     the row map and weights for combine; then wait for flag (s, c) only (the layout was
+     computed while rows were in flight) and fan the rows out. The last program of the
+     launch acks the sources.
 
 No host synchronisation; `bound_m` is read on the device; grids depend only on T_MAX, so
 the whole dispatch can be captured in a CUDA graph.
@@ -45,9 +50,12 @@ from pplx.moe.kernels.sync_kernels import (
     signal_add,
     signal_set,
     stamp,
-    wait_all_ge,
+    store_tagged,
+    tag_word,
     wait_ge,
     wait_one_ge,
+    wait_tagged,
+    word_payload,
 )
 
 
@@ -106,7 +114,7 @@ def _dispatch_send(
     ONE_TILE: tl.constexpr,
 ):
     """Send program (c, d) of token chunk c to destination rank d: its rows if `rows`
-    (then flag B of (rank, c) in d), else its records and counts (then flag A)."""
+    (then flag (rank, c) in d), else its records and counts (tagged words, no flag)."""
     stamp(prof_ptr, 0, PROF)
     m = _live_tokens(bound_m_ptr, num_tokens)
     t = c * BT + tl.arange(0, BT)  # [BT]
@@ -166,8 +174,8 @@ def _dispatch_send(
         tl.store(send_pos_ptr + t * R + d, tl.where(hit, t, -1), mask=t_ok)
         stamp(prof_ptr, 2, PROF)
         if SYNC2:
-            # v2: flag B (rows) of (rank, c) in d's [R, 2, NC] flags, value epoch + 1.
-            signal_set(flags + (rank * 2 + 1) * NC + c, epoch + 1)
+            # v2: flag (rank, c) in d's [R, NC] flags, value epoch + 1.
+            signal_set(flags + rank * NC + c, epoch + 1)
         else:
             signal_add(flags + rank)
     else:
@@ -178,10 +186,12 @@ def _dispatch_send(
         stamp(prof_ptr, 1, PROF)
         # Records of every slot (t, k) of the chunk, in (t, k) order, FB slots per step:
         # q = slots of the same local expert earlier in the chunk (one-hot, exclusive scan).
+        # Every word is tagged with epoch + 1 and stored with no fence and no flag: the
+        # receiver polls the tags (store_tagged in sync_kernels.py).
         cols = tl.arange(0, E_LOCAL_PAD)
         run = tl.zeros([E_LOCAL_PAD], dtype=tl.int32)  # slots per expert in earlier steps
-        tok_eq = peer_ptr(table_ptr, d, off_tok_eq, tl.int32) + rank * T_MAX * K
-        tok_w = peer_ptr(table_ptr, d, off_tok_w, tl.float32) + rank * T_MAX * K
+        tok_eq = peer_ptr(table_ptr, d, off_tok_eq, tl.int64) + rank * T_MAX * K
+        tok_w = peer_ptr(table_ptr, d, off_tok_w, tl.int64) + rank * T_MAX * K
         for f0 in tl.static_range(0, BT * K_PAD, FB):
             f = f0 + tl.arange(0, FB)
             tf = c * BT + f // K_PAD
@@ -198,16 +208,13 @@ def _dispatch_send(
             # Every slot below T_MAX is written (-1 where not d's or t >= bound_m): the
             # receiver reads all T_MAX slots of every source.
             st_ok = (kf < K) & (tf < T_MAX)
-            tl.store(tok_eq + tf * K + kf, tl.where(on, el * 65536 + q, -1), mask=st_ok)
-            tl.store(tok_w + tf * K + kf, w, mask=st_ok)
-        cnt_dst = peer_ptr(table_ptr, d, off_counts, tl.int32) + (rank * NC + c) * E_LOCAL
-        tl.store(cnt_dst + cols, run, mask=cols < E_LOCAL)
+            eq = tl.where(on, el * 65536 + q, -1)
+            store_tagged(tok_eq + tf * K + kf, tag_word(epoch + 1, eq), st_ok, ASM)
+            wb = w.to(tl.int32, bitcast=True)
+            store_tagged(tok_w + tf * K + kf, tag_word(epoch + 1, wb), st_ok, ASM)
+        cnt_dst = peer_ptr(table_ptr, d, off_counts, tl.int64) + (rank * NC + c) * E_LOCAL
+        store_tagged(cnt_dst + cols, tag_word(epoch + 1, run), cols < E_LOCAL, ASM)
         stamp(prof_ptr, 2, PROF)
-        if SYNC2:
-            # v2: flag A (records) of (rank, c).
-            signal_set(flags + (rank * 2) * NC + c, epoch + 1)
-        else:
-            signal_add(flags + rank)
     stamp(prof_ptr, 3, PROF)
     # The last send program to finish has read the epoch everywhere: next send epoch.
     if last_program_done(state_ptr + 6, 2 * NC * R):
@@ -215,11 +222,102 @@ def _dispatch_send(
 
 
 @triton.jit
+def _dispatch_layout(
+    prof_ptr,  # [8] int64 time stamps of this program (PROF only)
+    expert_num_tokens_ptr,  # [E_L] int32 (out)
+    starts_ptr,  # [R * NC, E_L] int32 (out): row of expert_x of each (source, chunk, e)
+    table_ptr,
+    state_ptr,  # [16] int32: [0] dispatch (receive) epoch, [9] layout epoch, [4] error
+    rank,
+    off_disp_ack,
+    off_counts,
+    expert_padding,
+    E_LOCAL: tl.constexpr,
+    E_LOCAL_PAD: tl.constexpr,
+    R: tl.constexpr,
+    R_PAD: tl.constexpr,
+    NC: tl.constexpr,
+    LB: tl.constexpr,
+    RC: tl.constexpr,
+    MAX_SPIN: tl.constexpr,
+    SYNC2: tl.constexpr,
+    ASM: tl.constexpr,
+    PROF: tl.constexpr,
+):
+    """The layout program (one per receive launch): wait for the tagged counts of every
+    (source, chunk), then publish where each (source, chunk)'s slots of local expert e
+    start in expert_x: `first[e]` (padded prefix over experts of the totals) plus the slots
+    of earlier (source, chunk) pairs (contract order: source, then token)."""
+    stamp(prof_ptr, 0, PROF)
+    epoch = tl.load(state_ptr)
+    cols = tl.arange(0, E_LOCAL_PAD)
+    c_ok = cols < E_LOCAL
+    counts = peer_ptr(table_ptr, rank, off_counts, tl.int64)
+    total = tl.zeros([E_LOCAL_PAD], dtype=tl.int32)
+    for l0 in tl.static_range(0, R * NC, LB):
+        lin = l0 + tl.arange(0, LB)
+        ok = (lin[:, None] < R * NC) & c_ok[None, :]
+        v = wait_tagged(
+            counts + lin[:, None] * E_LOCAL + cols[None, :],
+            ok,
+            epoch + 1,
+            state_ptr + 4,
+            MAX_SPIN,
+            ASM,
+        )
+        total += tl.sum(word_payload(v), axis=0)
+    stamp(prof_ptr, 1, PROF)
+    padded = (total + expert_padding - 1) // expert_padding * expert_padding
+    run = tl.cumsum(padded, axis=0) - padded  # [E_L] first row of each expert
+    tl.store(expert_num_tokens_ptr + cols, total, mask=c_ok)
+    for l0 in tl.static_range(0, R * NC, LB):
+        lin = l0 + tl.arange(0, LB)
+        ok = (lin[:, None] < R * NC) & c_ok[None, :]
+        cnt = word_payload(
+            tl.load(counts + lin[:, None] * E_LOCAL + cols[None, :], mask=ok, other=0)
+        )
+        before = tl.cumsum(cnt, axis=0) - cnt  # [LB, E_L]
+        tl.store(
+            starts_ptr + lin[:, None] * E_LOCAL + cols[None, :], run[None, :] + before, mask=ok
+        )
+        run += tl.sum(cnt, axis=0)
+    # Publish to this launch's receive programs (same GPU).
+    tl.debug_barrier()
+    tl.atomic_xchg(state_ptr + 9, epoch + 1, sem="release", scope="gpu")
+    stamp(prof_ptr, 2, PROF)
+    _recv_done(table_ptr, state_ptr, rank, off_disp_ack, epoch, R, R_PAD, RC, SYNC2)
+
+
+@triton.jit
+def _recv_done(
+    table_ptr,
+    state_ptr,
+    rank,
+    off_disp_ack,
+    epoch,
+    R: tl.constexpr,
+    R_PAD: tl.constexpr,
+    RC: tl.constexpr,
+    SYNC2: tl.constexpr,
+):
+    """End of a receive-side program (R * RC receive programs + the layout program): the
+    last to finish has seen every program's reads: ack all sources, next epoch."""
+    if last_program_done(state_ptr + 2, R * RC + 1):
+        if SYNC2:
+            ack_peers(table_ptr, off_disp_ack, rank, epoch + 1, R, R_PAD)
+        else:
+            for peer in range(R):
+                ack = peer_ptr(table_ptr, peer, off_disp_ack, tl.int32) + rank
+                tl.atomic_xchg(ack, epoch + 1, sem="release", scope="sys")
+        tl.store(state_ptr, epoch + 1)
+
+
+@triton.jit
 def _dispatch_recv(
     s,  # source rank
     rc,  # block of RB token slots of s
     prof_ptr,  # [8] int64 time stamps of this program (PROF only)
-    expert_num_tokens_ptr,  # [E_L] int32 (out)
+    starts_ptr,  # [R * NC, E_L] int32: from the layout program
     expert_x_ptr,  # [rows, W] words (out)
     stride_xr,
     expert_xs_ptr,  # [rows, S] int32 view of f32 scales (out)
@@ -227,11 +325,11 @@ def _dispatch_recv(
     comb_row_ptr,  # [R, T_MAX, K] int32 (out): row of expert_x per received slot, -1 if none
     comb_w_ptr,  # [R, T_MAX, K] float32 (out): its weight
     table_ptr,
-    state_ptr,  # [16] int32: [0] dispatch (receive) epoch, [2] done counter, [4] error
+    state_ptr,  # [16] int32: [0] dispatch (receive) epoch, [2] done counter, [4] error,
+    # [9] layout epoch
     rank,
     off_disp_flag,
     off_disp_ack,
-    off_counts,
     off_tok_eq,
     off_tok_w,
     off_rows,
@@ -240,7 +338,6 @@ def _dispatch_recv(
     W,
     ROW_WORDS,
     S,
-    expert_padding,
     HAS_SCALE: tl.constexpr,
     K: tl.constexpr,
     K_PAD: tl.constexpr,
@@ -250,8 +347,6 @@ def _dispatch_recv(
     R_PAD: tl.constexpr,
     BT: tl.constexpr,
     NC: tl.constexpr,
-    NC_PAD: tl.constexpr,
-    LB: tl.constexpr,
     RB: tl.constexpr,
     RC: tl.constexpr,
     BLOCK_W: tl.constexpr,
@@ -267,57 +362,27 @@ def _dispatch_recv(
     epoch = tl.load(state_ptr)
     flags = peer_ptr(table_ptr, rank, off_disp_flag, tl.int32)
     c = (rc * RB) // BT
-    if SYNC2:
-        # Flag A (records, counts) of every chunk of every source: the totals need them
-        # all; one vector poll. The rows of (s, c) are waited for below, after the layout.
-        fr = tl.arange(0, R_PAD)[:, None]
-        fc = tl.arange(0, NC_PAD)[None, :]
-        need = (fr < R) & (fc < NC)
-        wait_all_ge(flags, fr * 2 * NC + fc, need, epoch + 1, state_ptr + 4, MAX_SPIN, ASM)
-    else:
-        # v1: one counter per source, both programs of every (source, chunk) add 1.
-        for r in range(R):
-            wait_ge(flags + r, (epoch + 1) * 2 * NC, state_ptr + 4, MAX_SPIN)
-    stamp(prof_ptr, 1, PROF)
-
-    # Counts [R * NC, E_L] of (source, chunk) pairs, LB pairs per step: totals per expert
-    # and the slots of pairs before (s, c) (contract order: source, then token).
     cols = tl.arange(0, E_LOCAL_PAD)
-    counts = peer_ptr(table_ptr, rank, off_counts, tl.int32)
-    total = tl.zeros([E_LOCAL_PAD], dtype=tl.int32)
-    before = tl.zeros([E_LOCAL_PAD], dtype=tl.int32)
-    for l0 in tl.static_range(0, R * NC, LB):
-        lin = l0 + tl.arange(0, LB)
-        cnt = tl.load(
-            counts + lin[:, None] * E_LOCAL + cols[None, :],
-            mask=(lin[:, None] < R * NC) & (cols[None, :] < E_LOCAL),
-            other=0,
-            cache_modifier=".cg",
-        )  # [LB, E_L]
-        total += tl.sum(cnt, axis=0)
-        before += tl.sum(tl.where(lin[:, None] < s * NC + c, cnt, 0), axis=0)
-    padded = (total + expert_padding - 1) // expert_padding * expert_padding
-    start = tl.cumsum(padded, axis=0) - padded + before  # [E_L] row of (s, c)'s first slot
-    if (s == 0) & (rc == 0):
-        tl.store(expert_num_tokens_ptr + cols, total, mask=cols < E_LOCAL)
+    # The layout program of this launch has published the starts of this epoch.
+    wait_one_ge(state_ptr + 9, epoch + 1, state_ptr + 4, MAX_SPIN, ASM)
+    start = tl.load(starts_ptr + (s * NC + c) * E_LOCAL + cols, mask=cols < E_LOCAL, other=0)
+    stamp(prof_ptr, 1, PROF)
 
     j = rc * RB + tl.arange(0, RB)  # [RB] token slots of source s
     j_ok = j < T_MAX
     kk = tl.arange(0, K_PAD)
     rec = (s * T_MAX + j)[:, None] * K + kk[None, :]  # [RB, K]
     rec_ok = j_ok[:, None] & (kk[None, :] < K)
-    eq = tl.load(
-        peer_ptr(table_ptr, rank, off_tok_eq, tl.int32) + rec,
-        mask=rec_ok,
-        other=-1,
-        cache_modifier=".cg",
+    tag = epoch + 1
+    err = state_ptr + 4
+    eqw = wait_tagged(
+        peer_ptr(table_ptr, rank, off_tok_eq, tl.int64) + rec, rec_ok, tag, err, MAX_SPIN, ASM
     )
-    w = tl.load(
-        peer_ptr(table_ptr, rank, off_tok_w, tl.float32) + rec,
-        mask=rec_ok,
-        other=0.0,
-        cache_modifier=".cg",
+    ww = wait_tagged(
+        peer_ptr(table_ptr, rank, off_tok_w, tl.int64) + rec, rec_ok, tag, err, MAX_SPIN, ASM
     )
+    eq = tl.where(rec_ok, word_payload(eqw), -1)
+    w = word_payload(ww).to(tl.float32, bitcast=True)
     on = eq >= 0  # [RB, K]
     e = tl.where(on, eq // 65536, -1)
     # Gather start[e] through a one-hot over local experts (no register gather in Triton).
@@ -334,8 +399,12 @@ def _dispatch_recv(
 
     stamp(prof_ptr, 2, PROF)
     if SYNC2:
-        # Flag B (rows) of (s, c): this program's rows have landed.
-        wait_one_ge(flags + (s * 2 + 1) * NC + c, epoch + 1, state_ptr + 4, MAX_SPIN, ASM)
+        # The rows of (s, c) have landed: flag (s, c).
+        wait_one_ge(flags + s * NC + c, epoch + 1, err, MAX_SPIN, ASM)
+    else:
+        # v1: one counter per source, every rows program of the source adds 1.
+        for r in range(R):
+            wait_ge(flags + r, (epoch + 1) * NC, err, MAX_SPIN)
     stamp(prof_ptr, 3, PROF)
     # Fan out: read each received row once, store it to its K' rows of expert_x.
     src = peer_ptr(table_ptr, rank, off_rows, WORD) + (s * T_MAX + j)[:, None] * ROW_WORDS
@@ -358,15 +427,7 @@ def _dispatch_recv(
             tl.store(sdst, sv, mask=(row_k >= 0)[:, None] & s_ok)
 
     stamp(prof_ptr, 4, PROF)
-    # The last program to finish has seen every program's reads: ack all sources, next epoch.
-    if last_program_done(state_ptr + 2, R * RC):
-        if SYNC2:
-            ack_peers(table_ptr, off_disp_ack, rank, epoch + 1, R, R_PAD)
-        else:
-            for peer in range(R):
-                ack = peer_ptr(table_ptr, peer, off_disp_ack, tl.int32) + rank
-                tl.atomic_xchg(ack, epoch + 1, sem="release", scope="sys")
-        tl.store(state_ptr, epoch + 1)
+    _recv_done(table_ptr, state_ptr, rank, off_disp_ack, epoch, R, R_PAD, RC, SYNC2)
     stamp(prof_ptr, 5, PROF)
 
 
@@ -392,6 +453,7 @@ def _dispatch_kernel(
     stride_sr,
     comb_row_ptr,
     comb_w_ptr,
+    starts_ptr,
     expert_padding,
     # both
     prof_ptr,  # [NC * R + R * RC, 8] int64 time stamps per program (PROF only)
@@ -432,7 +494,6 @@ def _dispatch_kernel(
     ASM: tl.constexpr,
     PROF: tl.constexpr,
     ONE_TILE: tl.constexpr,
-    REC_FIRST: tl.constexpr,
     DO_SEND: tl.constexpr,
     DO_RECV: tl.constexpr,
 ):
@@ -452,12 +513,11 @@ def _dispatch_kernel(
     n_send = 2 * NC * R if DO_SEND else 0  # constexpr: a half not asked for is not compiled
     if DO_SEND:
         if pid < n_send:
-            # Rows programs first (the long pole), then records programs (REC_FIRST: the
-            # other way round).
+            # Rows programs first (the long pole), then records programs.
             _dispatch_send(
                 pid % NC,
                 (pid // NC) % R,
-                (pid < NC * R) != REC_FIRST,
+                pid < NC * R,
                 prof_ptr + pid * 8,
                 x_ptr,
                 stride_xt,
@@ -504,12 +564,35 @@ def _dispatch_kernel(
             )
     if DO_RECV:
         q = pid - n_send
-        if q >= 0:
-            _dispatch_recv(
-                q % R,
-                q // R,
+        if q == 0:
+            _dispatch_layout(
                 prof_ptr + pid * 8,
                 expert_num_tokens_ptr,
+                starts_ptr,
+                table_ptr,
+                state_ptr,
+                rank,
+                off_disp_ack,
+                off_counts,
+                expert_padding,
+                E_LOCAL,
+                E_LOCAL_PAD,
+                R,
+                R_PAD,
+                NC,
+                LB,
+                RC,
+                MAX_SPIN,
+                SYNC2,
+                ASM,
+                PROF,
+            )
+        if q > 0:
+            _dispatch_recv(
+                (q - 1) % R,
+                (q - 1) // R,
+                prof_ptr + pid * 8,
+                starts_ptr,
                 expert_x_ptr,
                 stride_xr,
                 expert_xs_ptr,
@@ -521,7 +604,6 @@ def _dispatch_kernel(
                 rank,
                 off_disp_flag,
                 off_disp_ack,
-                off_counts,
                 off_tok_eq,
                 off_tok_w,
                 off_rows,
@@ -530,7 +612,6 @@ def _dispatch_kernel(
                 W,
                 ROW_WORDS,
                 S,
-                expert_padding,
                 HAS_SCALE,
                 K,
                 K_PAD,
@@ -540,8 +621,6 @@ def _dispatch_kernel(
                 R_PAD,
                 BT,
                 NC,
-                NC_PAD,
-                LB,
                 RB,
                 RC,
                 BLOCK_W_RECV,

@@ -98,6 +98,73 @@ def wait_one_ge(flag_ptr, target, err_ptr, MAX_SPIN: tl.constexpr, ASM: tl.const
 
 
 @triton.jit
+def tag_word(tag, payload):
+    """A tagged 64-bit word: `tag` (int32) in the high half, the 32 bits of `payload`
+    (int32) in the low half."""
+    return (tag.to(tl.int64) << 32) | (payload.to(tl.int64) & 0xFFFFFFFF)
+
+
+@triton.jit
+def word_payload(word):
+    """The int32 payload of a tagged word (`tag_word`)."""
+    return (word & 0xFFFFFFFF).to(tl.int32)
+
+
+@triton.jit
+def store_tagged(ptrs, words, mask, ASM: tl.constexpr):
+    """Store tagged int64 words to a peer with no fence: each word is one naturally aligned
+    8-byte store (single-copy atomic), so a reader that sees the word's tag sees its
+    payload, whatever order the words land in (the protocol of NCCL's LL buffers). CUDA:
+    `st.relaxed.sys` (a morally strong store a peer may poll); interpreter: a plain store."""
+    if ASM:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.relaxed.sys.global.b64 [$1], $2; }"
+            " mov.u32 $0, 0;",
+            "=r,l,l,r",
+            [ptrs, words, mask.to(tl.int32)],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+    else:
+        tl.store(ptrs, words, mask=mask)
+
+
+@triton.jit
+def wait_tagged(ptrs, mask, tag, err_ptr, MAX_SPIN: tl.constexpr, ASM: tl.constexpr):
+    """Poll the int64 words at `ptrs` (lanes with `mask`) until each carries `tag` in its
+    high half; return them (masked-off lanes: 0). After MAX_SPIN polls give up and set
+    `*err_ptr = 1`. CUDA: `ld.relaxed.sys` vector polls; interpreter: atomic reads."""
+    v = _ld_tagged(ptrs, mask, ASM)
+    behind = tl.sum((((v >> 32).to(tl.int32) != tag) & mask).to(tl.int32), axis=None)
+    i = 0
+    while (behind > 0) & (i < MAX_SPIN):
+        v = _ld_tagged(ptrs, mask, ASM)
+        behind = tl.sum((((v >> 32).to(tl.int32) != tag) & mask).to(tl.int32), axis=None)
+        i += 1
+    if behind > 0:
+        tl.atomic_xchg(err_ptr, 1)
+    return tl.where(mask, v, 0)
+
+
+@triton.jit
+def _ld_tagged(ptrs, mask, ASM: tl.constexpr):
+    if ASM:
+        v = tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b64 $0, 0;"
+            " @p ld.relaxed.sys.global.b64 $0, [$1]; }",
+            "=l,l,r",
+            [ptrs, mask.to(tl.int32)],
+            dtype=tl.int64,
+            is_pure=False,
+            pack=1,
+        )
+    else:
+        v = tl.atomic_add(ptrs, 0, mask=mask, sem="relaxed", scope="sys")
+    return v
+
+
+@triton.jit
 def signal_set(flag_ptr, value):
     """Publish this program's earlier stores, then store `value` into a peer's flag slot
     (one slot per sender program: a plain exchange, no contention with other senders)."""

@@ -322,8 +322,6 @@ class TritonAllToAll:
         self.nc_pad = _pow2(self.nc)
         # Dispatch send: a chunk's rows in one tile are loaded before the ack wait.
         self.one_tile = self.words <= self.block_w_send
-        # Dispatch send grid order: rows programs first (default) or records programs.
-        self.rec_first = os.environ.get("PPLX_MOE_REC_FIRST", "0") == "1"  # tuning hook
         # Record pass: FB slots (t, k) per step (a [FB, E_L] one-hot); receive programs
         # sum the [R * NC, E_L] chunk counts LB rows per step (one step at decode).
         self.fb = _clamp(8192 // self.e_local_pad, 1, self.bt * self.k_pad)
@@ -338,7 +336,7 @@ class TritonAllToAll:
             self.hidden_dim_scale,
             self.has_scale,
             out_dtype.itemsize,
-            disp_signals=2 * self.nc,  # flags A (records) and B (rows) per chunk
+            disp_signals=self.nc,  # one flag per rows program
             disp_chunks=self.nc,
             comb_signals=self.cc * self.hs,
         )
@@ -369,9 +367,12 @@ class TritonAllToAll:
         # Profiling (PPLX_MOE_PROF=1, CUDA): `[4, programs, 8]` int64 GPU clock stamps per
         # program of the launches dispatch send (or fused dispatch), dispatch recv,
         # combine send (or fused combine), combine recv; see `profile()`.
-        n_prog = max(2 * self.nc * R + R * self.rc, (R * self.cc + self.nb) * self.hs)
+        n_prog = max(2 * self.nc * R + 1 + R * self.rc, (R * self.cc + self.nb) * self.hs)
         self.prof = torch.zeros(4, n_prog if self.prof_on else 1, 8, dtype=torch.int64, device=dev)
         self.send_pos = torch.full((T, R), -1, **i32)
+        # Dispatch layout: row of expert_x where each (source, chunk)'s slots of local
+        # expert e start (written by the layout program, read by the receive programs).
+        self.starts = torch.zeros(R * self.nc, self.num_local_experts, **i32)
         self.comb_row = torch.full((R, T, K), -1, **i32)
         self.comb_w = torch.zeros(R, T, K, dtype=torch.float32, device=dev)
         self.full_m = torch.full((1,), T, **i32)
@@ -435,7 +436,7 @@ class TritonAllToAll:
             raise RuntimeError("profiling is off: set PPLX_MOE_PROF=1 before construction (CUDA)")
         p = self.prof.cpu()
         R = self.world_size
-        ds, dr = 2 * self.nc * R, R * self.rc
+        ds, dr = 2 * self.nc * R, 1 + R * self.rc
         cs, cr = R * self.cc * self.hs, self.nb * self.hs
         # A fused launch wrote both halves into one slot, send programs first.
         dr0 = (0, ds) if self.fused_disp else (1, 0)
@@ -484,7 +485,7 @@ class TritonAllToAll:
         num_tokens = dp_x.shape[0]
         dummy = self._dummy_scale
         send_args: tuple = (dummy, 0, dummy, 0, dummy, 0, dummy, 0, bm, 0, dummy)
-        recv_args: tuple = (dummy, dummy, 0, dummy, 0, dummy, dummy, 1)
+        recv_args: tuple = (dummy, dummy, 0, dummy, 0, dummy, dummy, dummy, 1)
         if do_send:
             idx = indices if indices.stride(-1) == 1 else indices.contiguous()
             w = weights if weights.stride(-1) == 1 else weights.contiguous()
@@ -522,9 +523,10 @@ class TritonAllToAll:
                 stride_sr,
                 self.comb_row,
                 self.comb_w,
+                self.starts,
                 self.expert_padding,
             )
-        n_send, n_recv = 2 * self.nc * R, R * self.rc
+        n_send, n_recv = 2 * self.nc * R, 1 + R * self.rc  # + the layout program
         if self.fused_disp and do_send and do_recv:
             # One launch: send programs, then receive programs (dispatch_kernels.py).
             halves = [(True, True, n_send + n_recv, 0)]
@@ -569,7 +571,6 @@ class TritonAllToAll:
                 ASM=self.asm,
                 PROF=self.prof_on,
                 ONE_TILE=self.one_tile,
-                REC_FIRST=self.rec_first,
                 DO_SEND=snd,
                 DO_RECV=rcv,
                 num_warps=self.num_warps,
