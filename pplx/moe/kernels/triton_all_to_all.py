@@ -264,9 +264,13 @@ class TritonAllToAll:
         cap = 4096 if T <= 512 else 2048
         if block_tokens is not None:
             bt = rb = cb = tb = _clamp(_pow2(block_tokens), 1, 64)
+        elif T <= 512 and world_size >= 4:
+            # Decode at EP4 (T=128): 8 tokens per send program pair (128 at EP4), 4 per
+            # recv program (128), 1 per combine program (512 send, 128 recv). 4 H100, same
+            # run (2026-11-28, token-slot layout): dispatch 28.7 us vs 33.7 with 4 / 2.
+            bt, rb, cb, tb = 8, 4, 1, 1
         elif T <= 512:
-            # Decode (T=128): 4 tokens per send program (128 programs at EP4), 2 per recv
-            # program (256), 1 per combine program (512 send, 128 recv).
+            # Decode at EP2: 4 tokens per send program pair, 2 per recv program.
             bt, rb, cb, tb = 4, 2, 1, 1
         else:
             # Prefill (T=4096): 32/16/16/16 measured faster on 4 H100 than 8/4/4/4
@@ -322,6 +326,8 @@ class TritonAllToAll:
         self.nc_pad = _pow2(self.nc)
         # Dispatch send: a chunk's rows in one tile are loaded before the ack wait.
         self.one_tile = self.words <= self.block_w_send
+        # Dispatch: rows wait until every records program has issued (tuning hook).
+        self.rec_ahead = os.environ.get("PPLX_MOE_REC_AHEAD", "0") == "1"
         # Record pass: FB slots (t, k) per step (a [FB, E_L] one-hot); receive programs
         # sum the [R * NC, E_L] chunk counts LB rows per step (one step at decode).
         self.fb = _clamp(8192 // self.e_local_pad, 1, self.bt * self.k_pad)
@@ -362,7 +368,8 @@ class TritonAllToAll:
         # [0] dispatch epoch, [1] combine epoch, [2]/[3] done counters, [4] error flag.
         # [0] dispatch epoch (receive side), [1] combine epoch (receive side), [2]/[3] their
         # done counters, [4] error flag, [5]/[6] dispatch send epoch and done counter,
-        # [7]/[8] combine send epoch and done counter.
+        # [7]/[8] combine send epoch and done counter, [9] dispatch layout epoch, [10]
+        # dispatch records programs issued (REC_AHEAD).
         self.state = torch.zeros(16, **i32)
         # Profiling (PPLX_MOE_PROF=1, CUDA): `[4, programs, 8]` int64 GPU clock stamps per
         # program of the launches dispatch send (or fused dispatch), dispatch recv,
@@ -571,6 +578,7 @@ class TritonAllToAll:
                 ASM=self.asm,
                 PROF=self.prof_on,
                 ONE_TILE=self.one_tile,
+                REC_AHEAD=self.rec_ahead,
                 DO_SEND=snd,
                 DO_RECV=rcv,
                 num_warps=self.num_warps,
