@@ -92,7 +92,6 @@ def _cases(world_size: int):
                     in_dtype=torch.bfloat16,
                     num_experts_per_token=4,
                     sync="v1",  # the previous signalling protocol stays covered
-                    env={"PPLX_MOE_REC_AHEAD": "1"},  # rows wait for the records programs
                 ),
                 [Case("K == E (every token to every expert), sync v1", 4, 32, 4, 4)],
             ),

@@ -112,7 +112,6 @@ def _dispatch_send(
     ASM: tl.constexpr,
     PROF: tl.constexpr,
     ONE_TILE: tl.constexpr,
-    REC_AHEAD: tl.constexpr,
 ):
     """Send program (c, d) of token chunk c to destination rank d: its rows if `rows`
     (then flag (rank, c) in d), else its records and counts (tagged words, no flag)."""
@@ -156,11 +155,6 @@ def _dispatch_send(
             wait_one_ge(ack, epoch, state_ptr + 4, MAX_SPIN, ASM)
         else:
             wait_ge(ack, epoch, state_ptr + 4, MAX_SPIN)
-        if REC_AHEAD:
-            # Issue no row before every records program of this launch has issued its
-            # stores: NVLink carries stores roughly in issue order, so the records land
-            # ahead of the rows' megabytes and receivers lay out while rows stream in.
-            wait_one_ge(state_ptr + 10, (epoch + 1) * NC * R, state_ptr + 4, MAX_SPIN, ASM)
         stamp(prof_ptr, 1, PROF)
         dst = peer_ptr(table_ptr, d, off_rows, WORD) + (rank * T_MAX + t)[:, None] * ROW_WORDS
         if ONE_TILE:
@@ -220,9 +214,6 @@ def _dispatch_send(
             store_tagged(tok_w + tf * K + kf, tag_word(epoch + 1, wb), st_ok, ASM)
         cnt_dst = peer_ptr(table_ptr, d, off_counts, tl.int64) + (rank * NC + c) * E_LOCAL
         store_tagged(cnt_dst + cols, tag_word(epoch + 1, run), cols < E_LOCAL, ASM)
-        if REC_AHEAD:
-            tl.debug_barrier()
-            tl.atomic_add(state_ptr + 10, 1, sem="relaxed", scope="gpu")
         stamp(prof_ptr, 2, PROF)
     stamp(prof_ptr, 3, PROF)
     # The last send program to finish has read the epoch everywhere: next send epoch.
@@ -503,7 +494,6 @@ def _dispatch_kernel(
     ASM: tl.constexpr,
     PROF: tl.constexpr,
     ONE_TILE: tl.constexpr,
-    REC_AHEAD: tl.constexpr,
     DO_SEND: tl.constexpr,
     DO_RECV: tl.constexpr,
 ):
@@ -523,8 +513,7 @@ def _dispatch_kernel(
     n_send = 2 * NC * R if DO_SEND else 0  # constexpr: a half not asked for is not compiled
     if DO_SEND:
         if pid < n_send:
-            # Records programs first (short; with REC_AHEAD the rows programs wait for
-            # them, which needs them scheduled first), then rows programs.
+            # Records programs first (short, no fence), then rows programs.
             _dispatch_send(
                 pid % NC,
                 (pid // NC) % R,
@@ -572,7 +561,6 @@ def _dispatch_kernel(
                 ASM,
                 PROF,
                 ONE_TILE,
-                REC_AHEAD,
             )
     if DO_RECV:
         q = pid - n_send

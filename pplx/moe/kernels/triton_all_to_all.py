@@ -326,8 +326,6 @@ class TritonAllToAll:
         self.nc_pad = _pow2(self.nc)
         # Dispatch send: a chunk's rows in one tile are loaded before the ack wait.
         self.one_tile = self.words <= self.block_w_send
-        # Dispatch: rows wait until every records program has issued (tuning hook).
-        self.rec_ahead = os.environ.get("PPLX_MOE_REC_AHEAD", "0") == "1"
         # Record pass: FB slots (t, k) per step (a [FB, E_L] one-hot); receive programs
         # sum the [R * NC, E_L] chunk counts LB rows per step (one step at decode).
         self.fb = _clamp(8192 // self.e_local_pad, 1, self.bt * self.k_pad)
@@ -368,8 +366,7 @@ class TritonAllToAll:
         # [0] dispatch epoch, [1] combine epoch, [2]/[3] done counters, [4] error flag.
         # [0] dispatch epoch (receive side), [1] combine epoch (receive side), [2]/[3] their
         # done counters, [4] error flag, [5]/[6] dispatch send epoch and done counter,
-        # [7]/[8] combine send epoch and done counter, [9] dispatch layout epoch, [10]
-        # dispatch records programs issued (REC_AHEAD).
+        # [7]/[8] combine send epoch and done counter, [9] dispatch layout epoch.
         self.state = torch.zeros(16, **i32)
         # Profiling (PPLX_MOE_PROF=1, CUDA): `[4, programs, 8]` int64 GPU clock stamps per
         # program of the launches dispatch send (or fused dispatch), dispatch recv,
@@ -578,7 +575,6 @@ class TritonAllToAll:
                 ASM=self.asm,
                 PROF=self.prof_on,
                 ONE_TILE=self.one_tile,
-                REC_AHEAD=self.rec_ahead,
                 DO_SEND=snd,
                 DO_RECV=rcv,
                 num_warps=self.num_warps,
