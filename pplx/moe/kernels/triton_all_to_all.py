@@ -358,6 +358,10 @@ class TritonAllToAll:
         self.num_warps_comb = 8 if self.device.type == "cuda" and T > 512 else 4
         if os.environ.get("PPLX_MOE_COMB_WARPS"):  # tuning hook (benchmarks only)
             self.num_warps_comb = int(os.environ["PPLX_MOE_COMB_WARPS"])
+        # A combine receive launch of its own (not fused) may take other warps.
+        self.num_warps_comb_recv = int(
+            os.environ.get("PPLX_MOE_COMB_RECV_WARPS", self.num_warps_comb)
+        )
 
     def _alloc_private(self, dev: torch.device) -> None:
         """This rank's private device state (never touched by peers)."""
@@ -663,7 +667,7 @@ class TritonAllToAll:
                 PROF=self.prof_on,
                 DO_SEND=snd,
                 DO_RECV=rcv,
-                num_warps=self.num_warps_comb,
+                num_warps=self.num_warps_comb if snd else self.num_warps_comb_recv,
             )
             self._after_launch()
 
