@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from pplx.moe.kernels.sync_kernels import (
-    ack_peers,
+    ack_if_last,
     last_program_done,
     peer_ptr,
     signal_add,
@@ -210,14 +210,9 @@ def _combine_recv(
             acc = tl.load(o_ptr, mask=ok, other=0.0).to(tl.float32) + acc
         tl.store(o_ptr, acc.to(OUT_DTYPE), mask=ok)
     stamp(prof_ptr, 2, PROF)
-    if last_program_done(state_ptr + 3, NB * HS):
-        if SYNC2:
-            ack_peers(table_ptr, off_comb_ack, rank, epoch + 1, R, R_PAD)
-        else:
-            for peer in range(R):
-                ack = peer_ptr(table_ptr, peer, off_comb_ack, tl.int32) + rank
-                tl.atomic_xchg(ack, epoch + 1, sem="release", scope="sys")
-        tl.store(state_ptr + 1, epoch + 1)
+    ack_if_last(
+        state_ptr + 3, NB * HS, state_ptr + 1, epoch, table_ptr, off_comb_ack, rank, R, R_PAD, SYNC2
+    )
     stamp(prof_ptr, 3, PROF)
 
 

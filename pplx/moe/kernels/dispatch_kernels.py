@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from pplx.moe.kernels.sync_kernels import (
-    ack_peers,
+    ack_if_last,
     last_program_done,
     peer_ptr,
     signal_add,
@@ -302,14 +302,9 @@ def _recv_done(
 ):
     """End of a receive-side program (R * RC receive programs + the layout program): the
     last to finish has seen every program's reads: ack all sources, next epoch."""
-    if last_program_done(state_ptr + 2, R * RC + 1):
-        if SYNC2:
-            ack_peers(table_ptr, off_disp_ack, rank, epoch + 1, R, R_PAD)
-        else:
-            for peer in range(R):
-                ack = peer_ptr(table_ptr, peer, off_disp_ack, tl.int32) + rank
-                tl.atomic_xchg(ack, epoch + 1, sem="release", scope="sys")
-        tl.store(state_ptr, epoch + 1)
+    ack_if_last(
+        state_ptr + 2, R * RC + 1, state_ptr, epoch, table_ptr, off_disp_ack, rank, R, R_PAD, SYNC2
+    )
 
 
 @triton.jit

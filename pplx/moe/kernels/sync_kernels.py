@@ -185,6 +185,32 @@ def ack_peers(table_ptr, byte_off, rank, value, R: tl.constexpr, R_PAD: tl.const
 
 
 @triton.jit
+def ack_if_last(
+    done_ptr,
+    num_programs,
+    epoch_ptr,
+    epoch,
+    table_ptr,
+    off_ack,
+    rank,
+    R: tl.constexpr,
+    R_PAD: tl.constexpr,
+    SYNC2: tl.constexpr,
+):
+    """End of a receive-side program: the last of `num_programs` to finish has seen every
+    program's reads, so it acks every source (`ack[rank] = epoch + 1` in each peer's buffer
+    at `off_ack`) and moves this rank's epoch (`*epoch_ptr`) on."""
+    if last_program_done(done_ptr, num_programs):
+        if SYNC2:
+            ack_peers(table_ptr, off_ack, rank, epoch + 1, R, R_PAD)
+        else:
+            for peer in range(R):
+                ack = peer_ptr(table_ptr, peer, off_ack, tl.int32) + rank
+                tl.atomic_xchg(ack, epoch + 1, sem="release", scope="sys")
+        tl.store(epoch_ptr, epoch + 1)
+
+
+@triton.jit
 def signal_add(flag_ptr):
     """Publish this program's earlier stores, then add 1 to a peer's counter."""
     # The barrier orders every thread's stores before the one thread that signals.
