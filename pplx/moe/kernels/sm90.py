@@ -63,10 +63,12 @@ def record_launches(
     """(kernel, grid, args, kwargs) of one dispatch + combine on rank 1, without running."""
     from pplx.moe import layout as L
     from pplx.moe.kernels.triton_all_to_all import TritonAllToAll
+    from pplx.moe.kernels.tuning import Tuning
 
     at = TritonAllToAll.__new__(TritonAllToAll)
     # Configured as for CUDA (tiles, warps); the buffers below live on the CPU.
     at.device, at.rank, at.group = torch.device("cuda", 0), 1, None
+    at.tuning = Tuning.from_env()  # PPLX_MOE_* variants, as the constructor does
     scales = L.hidden_dim_scale(hidden) if in_dtype.itemsize == 1 else 0
     at._configure(
         world_size=world_size,

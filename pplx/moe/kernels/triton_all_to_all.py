@@ -37,7 +37,6 @@ under Triton's interpreter: `TRITON_INTERPRET=1` must be set before this module 
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -49,6 +48,7 @@ from pplx.moe.kernels.buffers import BufferLayout, PeerBuffers
 from pplx.moe.kernels.combine_kernels import _combine_kernel
 from pplx.moe.kernels.dispatch_kernels import _dispatch_kernel
 from pplx.moe.kernels.sync_kernels import spin_probe_kernel
+from pplx.moe.kernels.tuning import Tuning
 
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 _WORDS = [
@@ -60,7 +60,7 @@ _WORDS = [
 # Polls of one flag before a wait gives up. CUDA: a poll of a local flag takes roughly
 # 0.5-1 us, so 2^26 polls is 30-60 s: far above any legitimate wait (a peer's first-call
 # JIT compile takes seconds), short enough that a lost peer ends a test. Override with
-# PPLX_MOE_MAX_SPIN. Interpreter: one poll
+# Tuning.max_spin (PPLX_MOE_MAX_SPIN). Interpreter: one poll
 # is Python work (0.1-2 ms measured on a loaded 2-core CI box), so the count is calibrated
 # at construction from the time of _PROBE_POLLS polls.
 _SPIN_CUDA = 1 << 26
@@ -109,14 +109,17 @@ class TritonAllToAll:
             T in one program on CPU).
         sync: signalling protocol, "v2" (default: a flag slot per sender program, vector
             acquire polls of only the slots a program needs, one vector ack) or "v1" (one
-            counter per source, RMW polls); `PPLX_MOE_SYNC` overrides the default
+            counter per source, RMW polls); default `tuning.sync` or "v2"
             (`sync_kernels.py` describes both).
         fused: one launch per phase (send programs, then receive programs in the same
             grid) instead of a send launch and a receive launch when a call does both
             halves, for both phases (default: where measured faster: dispatch at decode,
-            max_num_tokens <= 512; combine at decode and world size <= 2;
-            `PPLX_MOE_FUSED=0/1` overrides; `dispatch_kernels.py`, `_dispatch_kernel`,
-            states what it relies on).
+            max_num_tokens <= 512; combine at decode and world size <= 2; or
+            `tuning.fused`; `dispatch_kernels.py`, `_dispatch_kernel`, states what it
+            relies on).
+        tuning: kernel knobs (`pplx.moe.kernels.tuning.Tuning`; default
+            `Tuning.from_env()`, the `PPLX_MOE_*` variables, which the benchmark's
+            `--variant` sets); explicit `sync` / `fused` arguments win over it.
     """
 
     def __init__(
@@ -137,7 +140,9 @@ class TritonAllToAll:
         block_tokens: int | None = None,
         sync: str | None = None,
         fused: bool | None = None,
+        tuning: Tuning | None = None,
     ) -> None:
+        self.tuning = Tuning.from_env() if tuning is None else tuning
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
@@ -199,15 +204,15 @@ class TritonAllToAll:
         # runs (2026-11-28, PERFORMANCE.md): dispatch fused faster at decode (EP4 32.6 vs
         # 33.4 us, 33.8 vs 34.4; EP2 24.1 vs 26.7), combine fused faster at EP2 only (26.8
         # vs 29.3; EP4 45.7 vs 44.6, 46.1 vs 44.7).
+        tun = self.tuning
         decode = int(max_num_tokens) <= 512
-        env = os.environ.get("PPLX_MOE_FUSED")
-        if fused is None and env is not None:
-            fused = env == "1"
+        if fused is None:
+            fused = tun.fused
         self.fused_disp = decode if fused is None else bool(fused)
         self.fused_comb = (decode and world_size <= 2) if fused is None else bool(fused)
         # Clock stamps need PTX (`%globaltimer`): CUDA only.
-        self.prof_on = os.environ.get("PPLX_MOE_PROF", "0") == "1" and self.device.type == "cuda"
-        sync = sync if sync is not None else os.environ.get("PPLX_MOE_SYNC", "v2")
+        self.prof_on = tun.prof and self.device.type == "cuda"
+        sync = sync if sync is not None else (tun.sync or "v2")
         if sync not in ("v1", "v2"):
             raise ValueError(f"sync must be 'v1' or 'v2', got {sync!r}")
         self.sync = sync
@@ -239,7 +244,7 @@ class TritonAllToAll:
         if self.device.type == "cpu" and interpreter_active():
             self.max_spin = max(_PROBE_POLLS, int(self.timeout_s * _cpu_polls_per_s()))
         else:
-            self.max_spin = int(os.environ.get("PPLX_MOE_MAX_SPIN", _SPIN_CUDA))
+            self.max_spin = tun.max_spin or _SPIN_CUDA
 
         R, T, K = self.world_size, self.max_num_tokens, self.topk
         in_bytes = in_dtype.itemsize
@@ -276,11 +281,9 @@ class TritonAllToAll:
             # Prefill (T=4096): 32/16/16/16 measured faster on 4 H100 than 8/4/4/4
             # (dispatch 710 vs 874 us, combine 785 vs 967 us, 2026-11-27).
             bt, rb, cb, tb = 32, 16, 16, 16
-        tiles = os.environ.get("PPLX_MOE_TILES")  # tuning hook: "bt,rb,cb,tb[,cap]"
-        if tiles and tuned:
-            vals = [int(v) for v in tiles.split(",")]
-            bt, rb, cb, tb = (_pow2(v) for v in vals[:4])
-            cap = vals[4] if len(vals) > 4 else cap
+        if tun.tiles and tuned:
+            bt, rb, cb, tb = (_pow2(v) for v in tun.tiles[:4])
+            cap = tun.tiles[4] if len(tun.tiles) > 4 else cap
         rb = min(rb, bt)  # a receive program's slots lie in one send chunk (powers of 2)
         self.bt = bt  # tokens per send program
         self.nc = triton.cdiv(T, self.bt)
@@ -311,17 +314,15 @@ class TritonAllToAll:
             # 196 / 255 with spills; 4 programs per SM; 4 H100 EP4 combine 44.1 vs 45.0 us
             # and 43.6 vs 44.6, same runs, 2026-11-28).
             self.block_h_send = self.block_h_recv = min(2048, hpad)
-        if os.environ.get("PPLX_MOE_COMB_BH"):  # tuning hook (benchmarks only)
-            self.block_h_send = _pow2(int(os.environ["PPLX_MOE_COMB_BH"]))
-        if os.environ.get("PPLX_MOE_COMB_BHR"):  # tuning hook (benchmarks only)
-            self.block_h_recv = _pow2(int(os.environ["PPLX_MOE_COMB_BHR"]))
+        if tun.comb_block_h:
+            self.block_h_send = _pow2(tun.comb_block_h)
+        if tun.comb_block_h_recv:
+            self.block_h_recv = _pow2(tun.comb_block_h_recv)
         # Combine: programs per token block along the hidden dim (each takes HCHUNK
         # columns, a multiple of 64).
         self.hs = 1
-        if os.environ.get("PPLX_MOE_COMB_HS"):  # tuning hook (benchmarks only)
-            self.hs = _clamp(
-                int(os.environ["PPLX_MOE_COMB_HS"]), 1, triton.cdiv(self.hidden_dim, 64)
-            )
+        if tun.comb_split_h:
+            self.hs = _clamp(tun.comb_split_h, 1, triton.cdiv(self.hidden_dim, 64))
         self.hchunk = triton.cdiv(triton.cdiv(self.hidden_dim, self.hs), 64) * 64
         self.nc_pad = _pow2(self.nc)
         # Dispatch send: a chunk's rows in one tile are loaded before the ack wait.
@@ -350,18 +351,14 @@ class TritonAllToAll:
         self.num_warps = 8 if self.device.type == "cuda" else 4
         if self.device.type == "cuda" and T <= 512:
             self.num_warps = 4
-        if os.environ.get("PPLX_MOE_NUM_WARPS"):  # tuning hook (benchmarks only)
-            self.num_warps = int(os.environ["PPLX_MOE_NUM_WARPS"])
+        self.num_warps = tun.num_warps or self.num_warps
         # Combine: 4 warps a program at decode. 4 H100, EP4, same runs (2026-11-28, the
         # layout before the token-slot one): combine 43.9 us with 4 warps vs 47.9 with 8;
         # combine send 28.3 vs 33.1; EP2 unchanged (29.9 vs 29.6).
         self.num_warps_comb = 8 if self.device.type == "cuda" and T > 512 else 4
-        if os.environ.get("PPLX_MOE_COMB_WARPS"):  # tuning hook (benchmarks only)
-            self.num_warps_comb = int(os.environ["PPLX_MOE_COMB_WARPS"])
+        self.num_warps_comb = tun.comb_warps or self.num_warps_comb
         # A combine receive launch of its own (not fused) may take other warps.
-        self.num_warps_comb_recv = int(
-            os.environ.get("PPLX_MOE_COMB_RECV_WARPS", self.num_warps_comb)
-        )
+        self.num_warps_comb_recv = tun.comb_recv_warps or self.num_warps_comb
 
     def _alloc_private(self, dev: torch.device) -> None:
         """This rank's private device state (never touched by peers)."""
