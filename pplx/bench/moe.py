@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from pplx.bench.common import Row, emit, percentiles
+from pplx.moe.kernels.tuning import Tuning
 
 FP8 = torch.float8_e4m3fn
 DEFAULT_CSV = "experiments/results/moe/moe.csv"
@@ -153,7 +154,7 @@ def _remote_bytes(indices: torch.Tensor, rank: int, e_local: int, row_bytes: int
 
 
 def _bench_triton(
-    shape, rank, world_size, device, group, iters, warmup, timer, sync=None, label="triton"
+    shape, rank, world_size, device, group, iters, warmup, timer, tuning=None, label="triton"
 ):
     from pplx.moe import layout as L
     from pplx.moe.kernels import TritonAllToAll
@@ -172,7 +173,7 @@ def _bench_triton(
         num_experts_per_token=shape.topk,
         group=group,
         device=device,
-        sync=sync,
+        tuning=tuning,
     )
     rows = at.max_recv_tokens
     e_local = shape.experts // world_size
@@ -424,37 +425,22 @@ def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> list[Row
         }
         for impl in impls:
             if impl == "triton" and args.variant:
-                # One row set per variant (PPLX_MOE_* settings at construction), same run.
+                # One row set per variant (its PPLX_MOE_* settings over the environment's,
+                # as a Tuning at construction), same run.
                 for name, env in args.variant:
-                    saved = {k: os.environ.get(k) for k in env}
-                    os.environ.update(env)
-                    try:
-                        s = _bench_triton(
-                            shape,
-                            rank,
-                            world_size,
-                            device,
-                            group,
-                            args.iters,
-                            args.warmup,
-                            timer,
-                            label=f"triton-{name}",
-                        )
-                    finally:
-                        for k, v in saved.items():
-                            if v is None:
-                                os.environ.pop(k, None)
-                            else:
-                                os.environ[k] = v
-                    results[f"triton-{name}"] = _slowest(s, group)
-                continue
-            if impl == "triton" and args.sync:
-                # One row set per signalling protocol, timed in the same run.
-                for sync in args.sync:
                     s = _bench_triton(
-                        shape, rank, world_size, device, group, args.iters, args.warmup, timer, sync
+                        shape,
+                        rank,
+                        world_size,
+                        device,
+                        group,
+                        args.iters,
+                        args.warmup,
+                        timer,
+                        tuning=Tuning.from_env({**os.environ, **env}),
+                        label=f"triton-{name}",
                     )
-                    results[f"triton-{sync}"] = _slowest(s, group)
+                    results[f"triton-{name}"] = _slowest(s, group)
                 continue
             s = bench[impl](shape, rank, world_size, device, group, args.iters, args.warmup, timer)
             results[impl] = _slowest(s, group)
@@ -571,8 +557,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--sync",
         default="",
-        help="comma list of Triton signalling protocols to time side by side (v1,v2); "
-        "rows are named triton-<sync>; default: one 'triton' row set, default protocol",
+        help="comma list of Triton signalling protocols to time side by side (v1,v2): "
+        "a variant 'SYNC:PPLX_MOE_SYNC=SYNC' each, rows triton-<sync>; default: one "
+        "'triton' row set, default protocol",
     )
     p.add_argument(
         "--variant",
@@ -600,7 +587,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.variant = variants
     args.cases = [c for c in args.cases.split(",") if c]
     args.impls = [c for c in args.impls.split(",") if c]
-    args.sync = [c for c in args.sync.split(",") if c]
+    # --sync v1,v2 is a variant per protocol (rows triton-v1, triton-v2, no default rows).
+    for sync in (c for c in args.sync.split(",") if c):
+        args.variant.append((sync, {"PPLX_MOE_SYNC": sync}))
+    for name, env in args.variant:
+        try:
+            Tuning.from_env({**os.environ, **env})
+        except ValueError as e:
+            p.error(f"variant {name!r}: {e}")
     if not torch.cuda.is_available():
         args.cpu = True
     if args.cpu and not args.quick:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import csv
 
+import pytest
+
 from pplx.bench import moe
 
 
@@ -53,3 +55,13 @@ def test_bench_moe_variants_keep_the_defaults_beside_them() -> None:
     # A variant with no settings names the defaults itself: not timed twice.
     a = parse_args(["--cpu", "--variant", "base:", "--variant", "bh:PPLX_MOE_COMB_BH=1024"])
     assert a.variant == [("base", {}), ("bh", {"PPLX_MOE_COMB_BH": "1024"})]
+
+
+def test_bench_moe_variant_with_a_bad_value_is_refused_at_parse_time() -> None:
+    from pplx.bench.moe import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--cpu", "--variant", "bad:PPLX_MOE_FUSED=yes"])
+    # --sync is a variant per protocol.
+    a = parse_args(["--cpu", "--sync", "v1,v2"])
+    assert a.variant == [("v1", {"PPLX_MOE_SYNC": "v1"}), ("v2", {"PPLX_MOE_SYNC": "v2"})]
