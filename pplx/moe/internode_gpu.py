@@ -157,55 +157,42 @@ _POLL1 = tl.constexpr(_poll_asm(1))
 _POLL2 = tl.constexpr(_poll_asm(2))
 _POLL4 = tl.constexpr(_poll_asm(4))
 
+
+def _thread0_asm(body: str) -> str:
+    """PTX: `body` (stores of operands $1...) by thread 0 of the program only, then $0 =
+    the clock after."""
+    return (
+        "{\n.reg .pred %p;\n.reg .b32 %t;\nmov.u32 %t, %tid.x;\nsetp.eq.u32 %p, %t, 0;\n"
+        + "".join(f"@%p {line}\n" for line in body.strip().splitlines())
+        + "mov.u64 $0, %clock64;\n}"
+    )
+
+
 # One thread stores the item: word 1, words 2-3 and 4-5 as 16-byte vectors, then seq with a
-# system-scope release (orders this thread's earlier stores for the CPU). $0 = clock after.
+# system-scope release (orders this thread's earlier stores for the CPU).
 _PUB_RELEASE_ITEM = tl.constexpr(
-    """{
-.reg .pred %p;
-.reg .b32 %t;
-mov.u32 %t, %tid.x;
-setp.eq.u32 %p, %t, 0;
-@%p st.global.b64 [$1+8], $2;
-@%p st.global.v2.b64 [$1+16], {$3, $4};
-@%p st.global.v2.b64 [$1+32], {$5, $6};
-@%p st.release.sys.global.b64 [$1], $7;
-mov.u64 $0, %clock64;
-}"""
+    _thread0_asm(
+        """
+st.global.b64 [$1+8], $2;
+st.global.v2.b64 [$1+16], {$3, $4};
+st.global.v2.b64 [$1+32], {$5, $6};
+st.release.sys.global.b64 [$1], $7;
+"""
+    )
 )
 # Tagged ring: every word carries the ticket's tag, so three relaxed 16-byte stores in any
 # order, no fence ({seq, word 1}, {2, 3}, {4, 5}).
 _PUB_TAGGED_ITEM = tl.constexpr(
-    """{
-.reg .pred %p;
-.reg .b32 %t;
-mov.u32 %t, %tid.x;
-setp.eq.u32 %p, %t, 0;
-@%p st.relaxed.sys.global.v2.b64 [$1], {$7, $2};
-@%p st.relaxed.sys.global.v2.b64 [$1+16], {$3, $4};
-@%p st.relaxed.sys.global.v2.b64 [$1+32], {$5, $6};
-mov.u64 $0, %clock64;
-}"""
+    _thread0_asm(
+        """
+st.relaxed.sys.global.v2.b64 [$1], {$7, $2};
+st.relaxed.sys.global.v2.b64 [$1+16], {$3, $4};
+st.relaxed.sys.global.v2.b64 [$1+32], {$5, $6};
+"""
+    )
 )
-_PUB_RELEASE_WORD = tl.constexpr(
-    """{
-.reg .pred %p;
-.reg .b32 %t;
-mov.u32 %t, %tid.x;
-setp.eq.u32 %p, %t, 0;
-@%p st.release.sys.global.b64 [$1], $2;
-mov.u64 $0, %clock64;
-}"""
-)
-_PUB_RELAXED_WORD = tl.constexpr(
-    """{
-.reg .pred %p;
-.reg .b32 %t;
-mov.u32 %t, %tid.x;
-setp.eq.u32 %p, %t, 0;
-@%p st.relaxed.sys.global.b64 [$1], $2;
-mov.u64 $0, %clock64;
-}"""
-)
+_PUB_RELEASE_WORD = tl.constexpr(_thread0_asm("st.release.sys.global.b64 [$1], $2;"))
+_PUB_RELAXED_WORD = tl.constexpr(_thread0_asm("st.relaxed.sys.global.b64 [$1], $2;"))
 
 
 @triton.jit
