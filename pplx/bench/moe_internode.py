@@ -308,36 +308,28 @@ def _proxy_rows(args) -> list[Row]:
             ranks_per_node=1,
             bytes=8,
         )
-        with HostProxy(a, mr, [d]) as p:
-            p.roundtrip_ns(b, 0, 8, 5, min(n, 100))  # warm-up: connects the peer
-            ns = p.roundtrip_ns(b, 0, 8, 5, n) / 1e3
-            p50, p20, p80 = percentiles(list(ns))
-            rows.append(
-                Row(
-                    impl="C producer thread",
-                    p50_us=p50,
-                    p20_us=p20,
-                    p80_us=p80,
-                    notes="producer waits in pplx_wait_u64; proxy and progress threads spin "
-                    "200 us, then nap 20 us",
-                    **common,
+        variants = [
+            (
+                {},
+                "C producer thread",
+                "producer waits in pplx_wait_u64; proxy and progress threads spin 200 us, "
+                "then nap 20 us",
+            ),
+            (
+                {"drive_progress": True},
+                "C producer thread, proxy drives progress",
+                "HostProxy(drive_progress=True): the proxy waits for items in the sender "
+                "engine's wait (its progress thread steps aside)",
+            ),
+        ]
+        for kw, impl, notes in variants:
+            with HostProxy(a, mr, [d], **kw) as p:
+                p.roundtrip_ns(b, 0, 8, 5, min(n, 100))  # warm-up: connects the peer
+                ns = p.roundtrip_ns(b, 0, 8, 5, n) / 1e3
+                p50, p20, p80 = percentiles(list(ns))
+                rows.append(
+                    Row(impl=impl, p50_us=p50, p20_us=p20, p80_us=p80, notes=notes, **common)
                 )
-            )
-        with HostProxy(a, mr, [d], drive_progress=True) as p:
-            p.roundtrip_ns(b, 0, 8, 5, min(n, 100))
-            ns = p.roundtrip_ns(b, 0, 8, 5, n) / 1e3
-            p50, p20, p80 = percentiles(list(ns))
-            rows.append(
-                Row(
-                    impl="C producer thread, proxy drives progress",
-                    p50_us=p50,
-                    p20_us=p20,
-                    p80_us=p80,
-                    notes="HostProxy(drive_progress=True): the proxy waits for items in "
-                    "the sender engine's wait (its progress thread steps aside)",
-                    **common,
-                )
-            )
         with HostProxy(a, mr, [d]) as p:
             ctr = b.imm_counter(6)
             base = ctr.count
