@@ -15,15 +15,7 @@ NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
 echo "GPUs: $NGPU" | tee "$OUT/summary.txt"
 # STEPS: which steps to run (default all), e.g. STEPS="gpu_tests decode fabric".
 STEPS=${STEPS:-"gpu_tests internode decode prefill demo fabric"}
-want() { [[ " $STEPS " == *" $1 "* ]]; }
-step() {  # step NAME SECONDS CMD...
-  local name=$1 secs=$2; shift 2
-  local t0=$SECONDS
-  timeout "$secs" "$@" >"$OUT/$name.log" 2>&1
-  local rc=$?
-  echo "$name rc=$rc $((SECONDS - t0))s: $*" | tee -a "$OUT/summary.txt"
-  tail -n 25 "$OUT/$name.log"
-}
+source "$(dirname "$0")/steps.sh"
 want gpu_tests && step gpu_tests 300 $PY -m pytest -m gpu tests -v --durations=0 -p no:cacheprovider
 if want internode; then
   step internode_ep$NGPU 70 $PY -m pplx.bench moe --device cuda --ranks "$NGPU" \

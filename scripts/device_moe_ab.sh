@@ -14,14 +14,8 @@ PY=${PY:-python3}
 NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
 CASES=${CASES:-decode}
 STEPS=${STEPS:-"tests new old ep2 prefill"}
-want() { [[ " $STEPS " == *" $1 "* ]]; }
-step() {  # step NAME SECONDS CMD...
-  local name=$1 secs=$2; shift 2
-  local t0=$SECONDS
-  timeout "$secs" "$@" >"$OUT/$name.log" 2>&1
-  echo "$name rc=$? $((SECONDS - t0))s: $*" | tee -a "$OUT/summary.txt"
-  grep -E "^(#|\|)|triton|passed|failed|Error" "$OUT/$name.log" | tail -n 40
-}
+source "$(dirname "$0")/steps.sh"
+STEP_GREP="^(#|\\|)|triton|passed|failed|Error"
 VARIANTS=()
 for v in "$@"; do VARIANTS+=(--variant "$v"); done
 BENCH=(-m pplx.bench moe --iters 30 --warmup 5)
