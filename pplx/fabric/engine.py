@@ -389,7 +389,7 @@ class TransferEngine:
         self.imm_table_size = imm_table_size
         self._regions: dict[int, MemoryRegion] = {}
         self._rdescs: dict[MrDescriptor, object] = {}
-        self._last_dst: MrDescriptor | None = None  # submit_write's one-entry cache
+        self._last_dst: MrDescriptor | None = None  # _rdesc's one-entry identity cache
         self._last_dh = None
         self._peers: dict[bytes, int] = {}
         self._cb: _CallbackThread | None = None
@@ -496,8 +496,14 @@ class TransferEngine:
         mr._owner = None
 
     def _rdesc(self, d: MrDescriptor):
+        """The imported handle of a remote descriptor (imported once per descriptor)."""
+        # The last descriptor asked for, by identity: skips the dataclass hash on the hot
+        # path of every submit_* (a caller usually writes to one peer buffer many times).
+        if d is self._last_dst and d is not None:
+            return self._last_dh
         h = self._rdescs.get(d)
         if h is not None:
+            self._last_dst, self._last_dh = d, h
             return h
         if not isinstance(d, MrDescriptor):
             raise InvalidArgument(f"expected an MrDescriptor, got {type(d).__name__}")
@@ -520,6 +526,7 @@ class TransferEngine:
         )
         h = ffi.gc(out[0], lib.pplx_rdesc_free)
         self._rdescs[d] = h
+        self._last_dst, self._last_dh = d, h
         return h
 
     # ---- writes ----
@@ -571,12 +578,7 @@ class TransferEngine:
             has_imm, imm_v = 1, imm
         else:
             has_imm, imm_v = 1, _imm(imm)
-        # The last descriptor written to, by identity: skips the dataclass hash.
-        if dst_mr is self._last_dst:
-            dh = self._last_dh
-        else:
-            dh = self._rdesc(dst_mr)
-            self._last_dst, self._last_dh = dst_mr, dh
+        dh = self._rdesc(dst_mr)
         out = ffi.new("struct pplx_req **")
         rc = lib.pplx_write(h, src_h, src_offset, dh, dst_offset, length, has_imm, imm_v, out)
         if rc < 0:

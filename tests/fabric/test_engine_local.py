@@ -355,6 +355,11 @@ def test_errors_descriptors(provider):
         bogus = MrDescriptor(b"P\x01\x03\x00abc" + b"!", desc.ptr, desc.nbytes, desc.remote)
         with pytest.raises(InvalidDescriptor):
             a.submit_write(mr, bogus, 1)
+        # Not a descriptor at all (also before any descriptor was used: the one-entry
+        # cache of the last descriptor starts empty, not matching None).
+        for not_desc in (None, "desc"):
+            with pytest.raises(InvalidArgument, match="expected an MrDescriptor"):
+                b.submit_write(mr, not_desc, 1)
 
 
 def test_errors_unregistered_and_closed(provider):
