@@ -475,7 +475,6 @@ def _dispatch_kernel(
     R_PAD: tl.constexpr,
     BT: tl.constexpr,
     NC: tl.constexpr,
-    NC_PAD: tl.constexpr,
     FB: tl.constexpr,
     LB: tl.constexpr,
     RB: tl.constexpr,

@@ -324,11 +324,10 @@ class TritonAllToAll:
         if tun.comb_split_h:
             self.hs = _clamp(tun.comb_split_h, 1, triton.cdiv(self.hidden_dim, 64))
         self.hchunk = triton.cdiv(triton.cdiv(self.hidden_dim, self.hs), 64) * 64
-        self.nc_pad = _pow2(self.nc)
         # Dispatch send: a chunk's rows in one tile are loaded before the ack wait.
         self.one_tile = self.words <= self.block_w_send
-        # Record pass: FB slots (t, k) per step (a [FB, E_L] one-hot); receive programs
-        # sum the [R * NC, E_L] chunk counts LB rows per step (one step at decode).
+        # Record pass: FB slots (t, k) per step (a [FB, E_L] one-hot); the layout program
+        # sums the [R * NC, E_L] chunk counts LB rows per step (one step at decode).
         self.fb = _clamp(8192 // self.e_local_pad, 1, self.bt * self.k_pad)
         self.lb = _clamp(8192 // self.e_local_pad, 1, _pow2(R * self.nc))
         self.layout = BufferLayout.build(
@@ -562,7 +561,6 @@ class TritonAllToAll:
                 R_PAD=self.r_pad,
                 BT=self.bt,
                 NC=self.nc,
-                NC_PAD=self.nc_pad,
                 FB=self.fb,
                 LB=self.lb,
                 RB=self.rb,
