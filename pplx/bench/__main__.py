@@ -1,6 +1,7 @@
 """Benchmark entry point: `python -m pplx.bench <name> [args]`.
 
-Names: `fabric` (TransferEngine vs raw libfabric), `moe` (dispatch/combine vs NCCL/gloo
+Names: `fabric` (TransferEngine vs raw libfabric), `nvlink` (SM stores to peers vs the copy
+engine, reads after peer writes), `moe` (dispatch/combine vs NCCL/gloo
 all-to-all; with `--ranks-per-node R` the ranks form emulated nodes of R ranks and the
 inter-node benchmark `pplx.bench.moe_internode` runs). Each module exposes `main(argv)`.
 """
@@ -13,6 +14,7 @@ import sys
 BENCHES = {
     "fabric": "pplx.bench.fabric",
     "moe": "pplx.bench.moe",
+    "nvlink": "pplx.bench.nvlink",
 }
 
 
