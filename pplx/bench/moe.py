@@ -74,9 +74,19 @@ def _shapes(quick: bool, cases: list[str]) -> list[Shape]:
 class _Timer:
     """Per-iteration phase timer: CUDA events (GPU time) or perf_counter (CPU)."""
 
-    def __init__(self, device: torch.device, group: dist.ProcessGroup | None, realign: bool = True):
+    def __init__(
+        self,
+        device: torch.device,
+        group: dist.ProcessGroup | None,
+        realign: bool = True,
+        graphs: bool = True,
+    ):
         self.cuda = device.type == "cuda"
         self.realign = realign
+        # Triton phases replayed from CUDA graphs (default) or launched eagerly: a graph
+        # replay of one kernel adds the graph launch's own GPU-side latency between the
+        # events, which a model's step (one graph of many kernels) pays once, not per phase.
+        self.graphs = graphs
         self.device = device
         self.group = group
         self._zero = torch.zeros(1, device=device)
@@ -205,7 +215,7 @@ def _bench_triton(
     for _ in range(2):  # compile + warm
         disp()
         comb()
-    if timer.cuda:
+    if timer.cuda and timer.graphs:
         torch.cuda.synchronize(device)
         graphs = {}
         for name, fn in fns.items():
@@ -394,7 +404,7 @@ def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> list[Row
     if cuda:
         torch.cuda.set_device(device)
     group = None
-    timer = _Timer(device, group, realign=args.start == "realign")
+    timer = _Timer(device, group, realign=args.start == "realign", graphs=args.launch == "graph")
     provider = "nvlink" if cuda else "shm"
     gbps = _peer_copy_gbps(rank, world_size, device, 5)
     gb = torch.tensor([gbps], dtype=torch.float64, device=device)
@@ -492,7 +502,8 @@ def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> list[Row
                         gbps_nvlink=nbytes / (p50 * 1e-6) / 1e9 if cuda and p50 > 0 else 0.0,
                         baseline="baseline" if base_p50 else "",
                         ratio=base_p50[phase] / p50 if base_p50 and p50 > 0 else float("nan"),
-                        notes=f"iters={args.iters} start={args.start}",
+                        notes=f"iters={args.iters} start={args.start}"
+                        + ("" if args.launch == "graph" else f" launch={args.launch}"),
                         **common,
                     )
                 )
@@ -553,6 +564,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="CUDA iteration start: all-reduce, 2 ms GPU sleep, then a second all-reduce "
         "that lines the ranks up again (realign, default), or without it (sleep: the "
         "rows of 2026-11-27 and before; ranks entered a phase up to 65 us apart)",
+    )
+    p.add_argument(
+        "--launch",
+        choices=("graph", "eager"),
+        default="graph",
+        help="CUDA: each Triton phase replayed from its own CUDA graph (default) or "
+        "launched eagerly (the 2 ms GPU sleep keeps the CPU ahead either way)",
     )
     p.add_argument(
         "--sync",

@@ -14,7 +14,8 @@ included, like combine's send; bytes and GB/s count remote rows only):
   pipeline of the loads (`tl.range(num_stages=...)`). Baseline: the copy engine
   (`copy_` into each peer's mapped area, one stream per destination).
 - `read`: `_sum_rows`, the shape of combine's receive: `out[t] = sum_d area[d, t]` in f32,
-  bf16 out; `after-peer-write` right after the peers' stores (a GPU all-reduce between),
+  bf16 out; `after-peer-write` after the peers' stores (a GPU all-reduce, then the aligned
+  start's 2 ms sleep), `-nosleep` right after them (the all-reduce only, as in combine),
   `again` the same read a second time, `after-local-write` after this rank rewrote the
   area itself; `-split<N>`: N programs per row instead of one. Baseline: `after-local-write`.
 
@@ -71,12 +72,16 @@ class _Probe:
         else:
             dist.barrier()
 
-    def time_it(self, fn, iters: int, warmup: int, before=None) -> list[float]:
+    def time_it(self, fn, iters: int, warmup: int, before=None, late=False) -> list[float]:
+        """Slowest rank's time of `fn` per iteration; `before` runs ahead of the aligned
+        start (the GPU sleep between), or right before `fn` with `late`."""
         out = []
         for i in range(iters + warmup):
-            if before is not None:
+            if before is not None and not late:
                 before()
             self.gpu_start()
+            if before is not None and late:
+                before()
             if self.cuda:
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record()
@@ -242,6 +247,13 @@ def _rank_main(rank: int, world: int, args) -> list[Row] | None:
             peer_write()
             summ(split)
 
+        row(
+            "read",
+            f"after-peer-write-nosleep{sfx}",
+            pr.time_it(lambda s=split: summ(s), it, wu, peer_write, late=True),
+            ("after-local-write", b),
+            read_bytes,
+        )
         row(
             "read",
             f"again{sfx}",

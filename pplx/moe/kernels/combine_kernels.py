@@ -19,7 +19,8 @@ Both halves split the hidden dim into HS parts of HCHUNK columns, one program pe
 1. `_combine_send_kernel`, grid (R, CC, HS): for source s and a block of its tokens, the
    weighted partial over local slots; stores into s's buffer; signals s. Waits first for
    s's ack of the previous combine (buffer reuse).
-2. `_combine_recv_kernel`, grid (NB, HS): wait for the send programs that wrote this
+2. `_combine_recv_kernel`, grid (NB, HSR) (HSR = HS unless `comb_recv_split_h` splits only
+   the receive side): wait for the send programs that wrote this
    program's rows (v2; v1: for every rank), add partials, write
    `out_tokens` rows t < bound_m (optionally accumulating); the last program acks.
 
@@ -132,7 +133,7 @@ def _combine_send(
 @triton.jit
 def _combine_recv(
     b,  # block of TB tokens of this rank
-    hs,  # part of the hidden dim: [hs * HCHUNK, (hs + 1) * HCHUNK)
+    hr,  # part of the hidden dim: [hr * RCHUNK, (hr + 1) * RCHUNK)
     prof_ptr,  # [8] int64 time stamps of this program (PROF only)
     out_ptr,  # [T, H] out dtype
     stride_ot,
@@ -159,13 +160,14 @@ def _combine_recv(
     MAX_SPIN: tl.constexpr,
     CB: tl.constexpr,
     HS: tl.constexpr,
-    HCHUNK,
+    HSR: tl.constexpr,
+    RCHUNK,
     SYNC2: tl.constexpr,
     ASM: tl.constexpr,
     PROF: tl.constexpr,
 ):
-    """Receive program (b, hs): tokens b * TB + [0, TB) of this rank, columns of part hs
-    of the hidden dim."""
+    """Receive program (b, hr): tokens b * TB + [0, TB) of this rank, columns of part hr
+    of the hidden dim (HSR parts; the send side has HS = 1 or HSR parts)."""
     stamp(prof_ptr, 0, PROF)
     epoch = tl.load(state_ptr + 1)
     flags = peer_ptr(table_ptr, rank, off_comb_flag, tl.int32)
@@ -184,14 +186,15 @@ def _combine_recv(
     if SYNC2:
         # Only the send programs that hold this program's columns: rank d's program
         # (pos // CB, hs) wrote them in row pos of d's part of the combine area (one
-        # vector poll).
+        # vector poll); hs = hr when the send side is split the same way, else 0.
         need = pos >= 0
+        hs = hr if HS > 1 else 0
         fofs = (rr[None, :] * CC + tl.where(need, pos, 0) // CB) * HS + hs
         wait_all_ge(flags, fofs, need, epoch + 1, state_ptr + 4, MAX_SPIN, ASM)
     stamp(prof_ptr, 1, PROF)
     area = peer_ptr(table_ptr, rank, off_comb_rows, OUT_DTYPE)
-    h_end = tl.minimum(H, (hs + 1) * HCHUNK)
-    for h0 in range(hs * HCHUNK, h_end, BLOCK_H):
+    h_end = tl.minimum(H, (hr + 1) * RCHUNK)
+    for h0 in range(hr * RCHUNK, h_end, BLOCK_H):
         ho = h0 + tl.arange(0, BLOCK_H)
         h_ok = ho < h_end
         acc = tl.zeros([TB, BLOCK_H], dtype=tl.float32)
@@ -211,7 +214,16 @@ def _combine_recv(
         tl.store(o_ptr, acc.to(OUT_DTYPE), mask=ok)
     stamp(prof_ptr, 2, PROF)
     ack_if_last(
-        state_ptr + 3, NB * HS, state_ptr + 1, epoch, table_ptr, off_comb_ack, rank, R, R_PAD, SYNC2
+        state_ptr + 3,
+        NB * HSR,
+        state_ptr + 1,
+        epoch,
+        table_ptr,
+        off_comb_ack,
+        rank,
+        R,
+        R_PAD,
+        SYNC2,
     )
     stamp(prof_ptr, 3, PROF)
 
@@ -230,7 +242,7 @@ def _combine_kernel(
     bound_m_ptr,
     num_tokens,
     # both
-    prof_ptr,  # [(R * CC + NB) * HS, 8] int64 time stamps per program (PROF only)
+    prof_ptr,  # [R * CC * HS + NB * HSR, 8] int64 time stamps per program (PROF only)
     table_ptr,
     state_ptr,
     rank,
@@ -249,6 +261,8 @@ def _combine_kernel(
     NB: tl.constexpr,
     HS: tl.constexpr,
     HCHUNK,
+    HSR: tl.constexpr,
+    RCHUNK,
     BLOCK_H_SEND: tl.constexpr,
     BLOCK_H_RECV: tl.constexpr,
     ACCUMULATE: tl.constexpr,
@@ -260,7 +274,7 @@ def _combine_kernel(
     DO_SEND: tl.constexpr,
     DO_RECV: tl.constexpr,
 ):
-    """Grid (R * CC * HS if DO_SEND) + (NB * HS if DO_RECV): the send programs (s, cc, hs)
+    """Grid (R * CC * HS if DO_SEND) + (NB * HSR if DO_RECV): the send programs (s, cc, hs)
     first, then
     the receive programs; with both, one launch does the whole combine (same forward-
     progress argument as `_dispatch_kernel`: receive programs only wait for programs of
@@ -304,8 +318,8 @@ def _combine_kernel(
         q = pid - n_send
         if q >= 0:
             _combine_recv(
-                q // HS,
-                q % HS,
+                q // HSR,
+                q % HSR,
                 prof_ptr + pid * 8,
                 out_ptr,
                 stride_ot,
@@ -332,7 +346,8 @@ def _combine_kernel(
                 MAX_SPIN,
                 CB,
                 HS,
-                HCHUNK,
+                HSR,
+                RCHUNK,
                 SYNC2,
                 ASM,
                 PROF,

@@ -324,6 +324,17 @@ class TritonAllToAll:
         if tun.comb_split_h:
             self.hs = _clamp(tun.comb_split_h, 1, triton.cdiv(self.hidden_dim, 64))
         self.hchunk = triton.cdiv(triton.cdiv(self.hidden_dim, self.hs), 64) * 64
+        # Combine receive: its own split along H (a receive program waits for the send
+        # programs of its token block, so the send split must be 1 or the same).
+        self.hsr = self.hs
+        if tun.comb_recv_split_h:
+            self.hsr = _clamp(tun.comb_recv_split_h, 1, triton.cdiv(self.hidden_dim, 64))
+            if self.hs not in (1, self.hsr):
+                raise ValueError(
+                    f"comb_recv_split_h ({self.hsr}) needs comb_split_h 1 or the same "
+                    f"(got {self.hs})"
+                )
+        self.rchunk = triton.cdiv(triton.cdiv(self.hidden_dim, self.hsr), 64) * 64
         # Dispatch send: a chunk's rows in one tile are loaded before the ack wait.
         self.one_tile = self.words <= self.block_w_send
         # Record pass: FB slots (t, k) per step (a [FB, E_L] one-hot); the layout program
@@ -371,7 +382,7 @@ class TritonAllToAll:
         # Profiling (PPLX_MOE_PROF=1, CUDA): `[4, programs, 8]` int64 GPU clock stamps per
         # program of the launches dispatch send (or fused dispatch), dispatch recv,
         # combine send (or fused combine), combine recv; see `profile()`.
-        n_prog = max(2 * self.nc * R + 1 + R * self.rc, (R * self.cc + self.nb) * self.hs)
+        n_prog = max(2 * self.nc * R + 1 + R * self.rc, R * self.cc * self.hs + self.nb * self.hsr)
         self.prof = torch.zeros(4, n_prog if self.prof_on else 1, 8, dtype=torch.int64, device=dev)
         self.send_pos = torch.full((T, R), -1, **i32)
         # Dispatch layout: row of expert_x where each (source, chunk)'s slots of local
@@ -441,7 +452,7 @@ class TritonAllToAll:
         p = self.prof.cpu()
         R = self.world_size
         ds, dr = 2 * self.nc * R, 1 + R * self.rc
-        cs, cr = R * self.cc * self.hs, self.nb * self.hs
+        cs, cr = R * self.cc * self.hs, self.nb * self.hsr
         # A fused launch wrote both halves into one slot, send programs first.
         dr0 = (0, ds) if self.fused_disp else (1, 0)
         cr0 = (2, cs) if self.fused_comb else (3, 0)
@@ -621,7 +632,7 @@ class TritonAllToAll:
                 self._bound(bound_m),
                 out_tokens.shape[0],
             )
-        n_send, n_recv = R * self.cc * self.hs, self.nb * self.hs
+        n_send, n_recv = R * self.cc * self.hs, self.nb * self.hsr
         if self.fused_comb and do_send and do_recv:
             halves = [(True, True, n_send + n_recv, 2)]
         else:
@@ -652,6 +663,8 @@ class TritonAllToAll:
                 NB=self.nb,
                 HS=self.hs,
                 HCHUNK=self.hchunk,
+                HSR=self.hsr,
+                RCHUNK=self.rchunk,
                 BLOCK_H_SEND=self.block_h_send,
                 BLOCK_H_RECV=self.block_h_recv,
                 ACCUMULATE=bool(accumulate),

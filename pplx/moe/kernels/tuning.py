@@ -16,6 +16,8 @@ how the benchmark's `--variant NAME:KEY=VAL` times variants side by side in one 
 | comb_block_h      | PPLX_MOE_COMB_BH=N       | columns per combine-send tile             |
 | comb_block_h_recv | PPLX_MOE_COMB_BHR=N      | columns per combine-receive tile          |
 | comb_split_h      | PPLX_MOE_COMB_HS=N       | combine programs per token block along H  |
+| comb_recv_split_h | PPLX_MOE_COMB_RHS=N      | combine-receive programs per token block  |
+|                   |                          | along H (send side unsplit, or = COMB_HS) |
 | num_warps         | PPLX_MOE_NUM_WARPS=N     | warps of a dispatch program               |
 | comb_warps        | PPLX_MOE_COMB_WARPS=N    | warps of a combine program                |
 | comb_recv_warps   | PPLX_MOE_COMB_RECV_WARPS=N | warps of a separate combine-recv launch |
@@ -37,6 +39,7 @@ _ENV = {
     "comb_block_h": "COMB_BH",
     "comb_block_h_recv": "COMB_BHR",
     "comb_split_h": "COMB_HS",
+    "comb_recv_split_h": "COMB_RHS",
     "num_warps": "NUM_WARPS",
     "comb_warps": "COMB_WARPS",
     "comb_recv_warps": "COMB_RECV_WARPS",
@@ -55,6 +58,7 @@ class Tuning:
     comb_block_h: int | None = None
     comb_block_h_recv: int | None = None
     comb_split_h: int | None = None
+    comb_recv_split_h: int | None = None
     num_warps: int | None = None
     comb_warps: int | None = None
     comb_recv_warps: int | None = None
