@@ -22,7 +22,10 @@ Implementations timed in the same run, per phase (dispatch, combine) and per hal
 Timing: every iteration starts with a barrier (on CUDA an all-reduce followed by a short
 GPU sleep so that all ranks start together and the CPU queues the work ahead), CUDA events
 around each phase; a phase's time is the slowest rank's in that iteration; p50/p20/p80
-over iterations. Rows go to a table and CSV through `pplx.bench.common.emit`.
+over iterations. On CUDA, `--kineto N` more iterations under torch.profiler give the
+`dispatch-kernels` / `combine-kernels` rows: the phase's kernels alone (CUPTI), without the
+event and launch latency the event rows include. Rows go to a table and CSV through
+`pplx.bench.common.emit`.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ class _Timer:
         group: dist.ProcessGroup | None,
         realign: bool = True,
         graphs: bool = True,
+        kineto: int = 0,
     ):
         self.cuda = device.type == "cuda"
         self.realign = realign
@@ -87,6 +91,7 @@ class _Timer:
         # replay of one kernel adds the graph launch's own GPU-side latency between the
         # events, which a model's step (one graph of many kernels) pays once, not per phase.
         self.graphs = graphs
+        self.kineto = kineto  # iterations timed again with CUPTI (kernel spans), CUDA only
         self.device = device
         self.group = group
         self._zero = torch.zeros(1, device=device)
@@ -247,6 +252,8 @@ def _bench_triton(
                 samples[name].append(timer.elapsed_us(m[j], m[j + 1]))
             samples["disp"].append(timer.elapsed_us(n[0], n[1]))
             samples["comb"].append(timer.elapsed_us(n[1], n[2]))
+    if timer.cuda and timer.kineto > 0:
+        samples.update(_kernel_spans(run, timer, at))
     if getattr(at, "prof_on", False):
         # One more whole-phase pass with the kernels' clock stamps (PPLX_MOE_PROF=1).
         timer.start_iteration()
@@ -257,6 +264,38 @@ def _bench_triton(
     at.check()
     at.destroy()
     return samples
+
+
+def _kernel_spans(run, timer, at) -> dict[str, list[float]]:
+    """GPU time of each phase's kernels alone (CUPTI through torch.profiler): per iteration,
+    first kernel start to last kernel end of the phase (one or two launches), without the
+    event and launch latency around them that the event rows include."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n_disp = 1 if at.fused_disp else 2
+    n_comb = 1 if at.fused_comb else 2
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(timer.kineto):
+            timer.start_iteration()
+            run["disp"]()
+            run["comb"]()
+        timer.finish()
+    kern = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.name.startswith(("_dispatch_kernel", "_combine_kernel"))
+    )
+    per = n_disp + n_comb
+    out: dict[str, list[float]] = {"disp-gpu": [], "comb-gpu": []}
+    if len(kern) != per * timer.kineto:
+        # Same keys on every rank (the rows are gathered): NaN marks a failed count.
+        print(f"# kernel spans: {len(kern)} kernels seen, {per * timer.kineto} expected")
+        return {k: [float("nan")] * timer.kineto for k in out}
+    for i in range(timer.kineto):
+        k = kern[i * per : (i + 1) * per]
+        out["disp-gpu"].append(float(k[n_disp - 1][1] - k[0][0]))
+        out["comb-gpu"].append(float(k[-1][1] - k[n_disp][0]))
+    return out
 
 
 def _print_profile(stamps: dict[str, torch.Tensor], rank: int, label: str) -> None:
@@ -404,7 +443,13 @@ def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> list[Row
     if cuda:
         torch.cuda.set_device(device)
     group = None
-    timer = _Timer(device, group, realign=args.start == "realign", graphs=args.launch == "graph")
+    timer = _Timer(
+        device,
+        group,
+        realign=args.start == "realign",
+        graphs=args.launch == "graph",
+        kineto=args.kineto,
+    )
     provider = "nvlink" if cuda else "shm"
     gbps = _peer_copy_gbps(rank, world_size, device, 5)
     gb = torch.tensor([gbps], dtype=torch.float64, device=device)
@@ -473,6 +518,8 @@ def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> list[Row
             "comb": c_tok,
             "cs": c_tok,
             "cr": c_tok,
+            "disp-gpu": d_tok,
+            "comb-gpu": c_tok,
         }
         names = {
             "disp": "dispatch",
@@ -481,11 +528,13 @@ def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> list[Row
             "comb": "combine",
             "cs": "combine-send",
             "cr": "combine-recv",
+            "disp-gpu": "dispatch-kernels",
+            "comb-gpu": "combine-kernels",
         }
         for impl, samples in results.items():
             for key, vals in samples.items():
                 p50, p20, p80 = percentiles(vals)
-                phase = "disp" if key in ("disp", "ds", "dr") else "comb"
+                phase = "disp" if key in ("disp", "ds", "dr", "disp-gpu") else "comb"
                 nbytes = (
                     phase_bytes[key]
                     if impl.startswith("triton")
@@ -571,6 +620,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="graph",
         help="CUDA: each Triton phase replayed from its own CUDA graph (default) or "
         "launched eagerly (the 2 ms GPU sleep keeps the CPU ahead either way)",
+    )
+    p.add_argument(
+        "--kineto",
+        type=int,
+        default=10,
+        metavar="N",
+        help="CUDA: N more iterations under torch.profiler (CUPTI) give rows "
+        "'<impl>:dispatch-kernels' / 'combine-kernels': the phase's kernel time alone, "
+        "first kernel start to last kernel end (0: off)",
     )
     p.add_argument(
         "--sync",

@@ -16,8 +16,10 @@ included, like combine's send; bytes and GB/s count remote rows only):
 - `read`: `_sum_rows`, the shape of combine's receive: `out[t] = sum_d area[d, t]` in f32,
   bf16 out; `after-peer-write` after the peers' stores (a GPU all-reduce, then the aligned
   start's 2 ms sleep), `-nosleep` right after them (the all-reduce only, as in combine),
-  `again` the same read a second time, `after-local-write` after this rank rewrote the
-  area itself; `-split<N>`: N programs per row instead of one. Baseline: `after-local-write`.
+  `-table`: the area addressed through this rank's entry of the address table, as the MoE
+  kernels do, not the local tensor's pointer; `again` the same read a second time,
+  `after-local-write` after this rank rewrote the area itself; `-split<N>`: N programs per
+  row instead of one. Baseline: `after-local-write`.
 
 Every timed iteration starts like `pplx.bench moe` (all-reduce, GPU sleep, all-reduce) and
 a row's time is the slowest rank's. The stored data is checked bit-exact against the source
@@ -168,6 +170,11 @@ def _rank_main(rank: int, world: int, args) -> list[Row] | None:
         torch.cuda.set_device(device)
     pr = _Probe(args, rank, world, device)
     pr.check_store()
+    if rank == 0:
+        print(
+            f"# rank 0 buffer: local tensor at {pr.bufs.local.data_ptr():#x}, "
+            f"address table entry {int(pr.bufs.ptrs[rank]):#x}"
+        )
     sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 4
     remote = (world - 1) * pr.n * args.row_bytes
     shape = f"R{world} rows{pr.n} W{args.row_bytes}"
@@ -202,8 +209,11 @@ def _rank_main(rank: int, world: int, args) -> list[Row] | None:
     area = pr.bufs.local.view(torch.bfloat16).view(world, pr.n, h)
     out = torch.empty(pr.n, h, dtype=torch.bfloat16, device=device)
 
-    def summ(split):
-        pr.sum_k[(pr.n * split,)](area, out, pr.n, h, R=world, BLOCK=2048, SPLIT=split, num_warps=4)
+    def summ(split, via_table=False):
+        pr.sum_k[(pr.n * split,)](
+            area, out, pr.bufs.ptrs, rank, pr.n, h,
+            R=world, BLOCK=2048, SPLIT=split, VIA_TABLE=via_table, num_warps=4,
+        )  # fmt: skip
 
     def peer_write():
         pr.store(4, 2 * sms, True, 1)
@@ -213,7 +223,7 @@ def _rank_main(rank: int, world: int, args) -> list[Row] | None:
     pr.sync_all()
     peer_write()
     pr.sync_all()
-    summ(1)
+    summ(1, True)
     pr.sync_all()
     want = area.float().sum(0).to(torch.bfloat16)
     if not torch.equal(out, want) and not torch.allclose(out.float(), want.float(), rtol=1e-2):
@@ -251,6 +261,13 @@ def _rank_main(rank: int, world: int, args) -> list[Row] | None:
             "read",
             f"after-peer-write-nosleep{sfx}",
             pr.time_it(lambda s=split: summ(s), it, wu, peer_write, late=True),
+            ("after-local-write", b),
+            read_bytes,
+        )
+        row(
+            "read",
+            f"after-peer-write-nosleep-table{sfx}",
+            pr.time_it(lambda s=split: summ(s, True), it, wu, peer_write, late=True),
             ("after-local-write", b),
             read_bytes,
         )

@@ -47,13 +47,20 @@ def _store_rows(
 def _sum_rows(
     area_ptr,  # [R, N, H] bf16 (this rank's area)
     out_ptr,  # [N, H] bf16
+    table_ptr,  # [R] int64 buffer addresses (VIA_TABLE)
+    rank,
     N,
     H,
     R: tl.constexpr,
     BLOCK: tl.constexpr,
     SPLIT: tl.constexpr,
+    VIA_TABLE: tl.constexpr,
 ):
-    """Program (t, s): columns of part s of row t: out[t] = sum_d area[d, t] (f32)."""
+    """Program (t, s): columns of part s of row t: out[t] = sum_d area[d, t] (f32). With
+    VIA_TABLE the area is addressed as the kernels address it, through the address table
+    entry of this rank, instead of the local tensor's pointer."""
+    if VIA_TABLE:
+        area_ptr = peer_ptr(table_ptr, rank, 0, tl.bfloat16)
     t = tl.program_id(0) // SPLIT
     s = tl.program_id(0) % SPLIT
     part = tl.cdiv(tl.cdiv(H, SPLIT), BLOCK) * BLOCK
