@@ -50,6 +50,8 @@ class Compiled:
     regs: int = -1
     spill_bytes: int = -1
     shared_bytes: int = -1
+    vector_ldst: int = -1  # global load/store instructions of 8+ bytes (.v2/.v4/.b64)
+    narrow_ldst: int = -1  # of 1-4 bytes: where rows move, a lost alignment hint
 
     def programs_per_sm(self) -> int:
         threads = 32 * self.num_warps
@@ -135,23 +137,46 @@ def compile_launch(kernel, grid: int, args: tuple, kwargs: dict) -> Compiled:
 
     kwargs = dict(kwargs)
     num_warps = kwargs.pop("num_warps")
-    sig, consts = {}, {}
+    sig, consts, attrs = {}, {}, {}
     names = kernel.arg_names
     for name, v in list(zip(names, args)) + list(kwargs.items()):
-        p = kernel.params[names.index(name)]
+        i = names.index(name)
+        p = kernel.params[i]
         if p.is_constexpr:
             sig[name], consts[name] = "constexpr", v
-        elif isinstance(v, torch.Tensor):
+            continue
+        if isinstance(v, torch.Tensor):
             sig[name] = "*" + _TY[v.dtype]
+            aligned = True  # the JIT sees CUDA allocations 16-byte aligned
         else:
             sig[name] = "i64" if abs(int(v)) >= 2**31 else "i32"
-    src = ASTSource(kernel, sig, consts)
+            aligned = int(v) % 16 == 0 and int(v) != 0
+        if aligned:  # what the JIT's specialization tells the compiler
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    try:
+        src = ASTSource(kernel, sig, consts, attrs)
+    except TypeError:  # a Triton without the attrs argument
+        src = ASTSource(kernel, sig, consts)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     cubin = k.asm["cubin"]
     if not cubin:
         raise RuntimeError(f"no cubin for {kernel.fn.__name__}")
     regs, spill, shared = _usage(cubin)
-    return Compiled(kernel.fn.__name__, grid, num_warps, regs, spill, shared)
+    vec, narrow = _access_widths(k.asm.get("ptx", ""))
+    return Compiled(kernel.fn.__name__, grid, num_warps, regs, spill, shared, vec, narrow)
+
+
+def _access_widths(ptx: str) -> tuple[int, int]:
+    """(wide, narrow) global load/store instructions in the PTX: 8+ bytes per thread
+    (vectors, b64) against 1-4 bytes; atomics and scalar flag polls are not counted."""
+    wide = narrow = 0
+    for m in re.finditer(r"\b(?:ld|st)\.global((?:\.\w+)*)", ptx):
+        mods = m.group(1).split(".")
+        if any(x in ("v2", "v4", "b64", "u64", "s64", "f64") for x in mods):
+            wide += 1
+        elif any(x in ("b8", "b16", "b32", "u8", "u16", "u32", "s32", "f32", "f16") for x in mods):
+            narrow += 1
+    return wide, narrow
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -178,13 +203,15 @@ def main(argv: list[str] | None = None) -> None:
         print(" ".join(c.name for c in rows))
         return
     print(f"{'kernel':18s} {'grid':>6s} {'warps':>5s} {'regs':>5s} {'spill B':>7s} "
-          f"{'smem B':>7s} {'progs/SM':>8s} {'waves':>6s}")  # fmt: skip
+          f"{'smem B':>7s} {'progs/SM':>8s} {'waves':>6s} {'ld/st wide':>10s} "
+          f"{'narrow':>6s}")  # fmt: skip
     for c in rows:
         per_sm = c.programs_per_sm()
         waves = c.grid / max(1, per_sm * 132)
         print(
             f"{c.name:18s} {c.grid:6d} {c.num_warps:5d} {c.regs:5d} {c.spill_bytes:7d} "
-            f"{c.shared_bytes:7d} {per_sm:8d} {waves:6.2f}"
+            f"{c.shared_bytes:7d} {per_sm:8d} {waves:6.2f} {c.vector_ldst:10d} "
+            f"{c.narrow_ldst:6d}"
         )
 
 
