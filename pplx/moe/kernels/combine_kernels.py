@@ -35,6 +35,7 @@ import triton.language as tl
 
 from pplx.moe.kernels.sync_kernels import (
     ack_if_last,
+    column,
     last_program_done,
     peer_ptr,
     signal_add,
@@ -66,6 +67,7 @@ def _combine_send(
     H,
     COMB_STRIDE,  # row stride of the combine area, elements
     K: tl.constexpr,
+    K_PAD: tl.constexpr,
     R: tl.constexpr,
     CB: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -83,22 +85,22 @@ def _combine_send(
     stamp(prof_ptr, 0, PROF)
     # The send side's own epoch (state[7]; see _dispatch_send).
     epoch = tl.load(state_ptr + 7)
+    # The slots' rows and weights, one [CB, K] tile each, loaded before the ack wait (they
+    # are this rank's, written by its dispatch; the ack guards only s's buffer).
+    j = cc * CB + tl.arange(0, CB)  # [CB] token slots of source s
+    kk = tl.arange(0, K_PAD)
+    rec = (s * T_MAX + j)[:, None] * K + kk[None, :]  # [CB, K_PAD]
+    rec_ok = (j < T_MAX)[:, None] & (kk[None, :] < K)
+    rows = tl.load(comb_row_ptr + rec, mask=rec_ok, other=-1)
+    wts = tl.load(comb_w_ptr + rec, mask=rec_ok, other=0.0)
+    # Slots that hold a token of s (dispatch wrote -1 into every k of the others).
+    j_ok = tl.max(rows, axis=1) >= 0
     ack = peer_ptr(table_ptr, rank, off_comb_ack, tl.int32) + s
     if SYNC2:
         wait_one_ge(ack, epoch, state_ptr + 4, MAX_SPIN, ASM)
     else:
         wait_ge(ack, epoch, state_ptr + 4, MAX_SPIN)
     stamp(prof_ptr, 1, PROF)
-    j = cc * CB + tl.arange(0, CB)  # [CB] token slots of source s
-    j_ok = j < T_MAX
-    slot = (s * T_MAX + j) * K  # [CB] first record of each slot
-    # Slots that hold a token of s (dispatch wrote -1 into every k of the others).
-    hit = tl.zeros([CB], dtype=tl.int32)
-    for k in tl.static_range(K):
-        hit = tl.maximum(
-            hit, (tl.load(comb_row_ptr + slot + k, mask=j_ok, other=-1) >= 0).to(tl.int32)
-        )
-    j_ok = hit > 0
     dst = (
         peer_ptr(table_ptr, s, off_comb_rows, OUT_DTYPE) + (rank * T_MAX + j)[:, None] * COMB_STRIDE
     )
@@ -108,9 +110,10 @@ def _combine_send(
         h_ok = ho < h_end
         acc = tl.zeros([CB, BLOCK_H], dtype=tl.float32)
         for k in tl.static_range(K):
-            # Loads of slot k (L1 hits after the first h tile), not a reduction per k.
-            r_k = tl.load(comb_row_ptr + slot + k, mask=j_ok, other=-1)  # [CB]
-            w_k = tl.load(comb_w_ptr + slot + k, mask=j_ok, other=0.0)  # [CB]
+            # Slot k's row and weight out of the tiles in registers (no memory round trip
+            # between this tile's store and the next tile's loads).
+            r_k = column(rows, kk, k)  # [CB]
+            w_k = column(wts, kk, k)  # [CB]
             y = tl.load(
                 expert_y_ptr + r_k[:, None] * stride_yr + ho[None, :],
                 mask=(r_k >= 0)[:, None] & h_ok[None, :],
@@ -253,6 +256,7 @@ def _combine_kernel(
     H,
     COMB_STRIDE,
     K: tl.constexpr,
+    K_PAD: tl.constexpr,
     R: tl.constexpr,
     R_PAD: tl.constexpr,
     CB: tl.constexpr,
@@ -302,6 +306,7 @@ def _combine_kernel(
                 H,
                 COMB_STRIDE,
                 K,
+                K_PAD,
                 R,
                 CB,
                 BLOCK_H_SEND,

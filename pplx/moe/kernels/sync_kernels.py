@@ -44,6 +44,13 @@ def peer_ptr(table_ptr, rank, byte_off, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def column(tile, idx, k: tl.constexpr):
+    """Column k of a `[N, M]` tile whose column indices are `idx` `[M]`: `[N]`, exact (a sum
+    over a one-hot, in registers; no memory round trip)."""
+    return tl.sum(tl.where(idx[None, :] == k, tile, 0), axis=1)
+
+
+@triton.jit
 def wait_ge(flag_ptr, target, err_ptr, MAX_SPIN: tl.constexpr):
     """Spin until `*flag_ptr - target >= 0` (wrapping int32); after MAX_SPIN polls give up
     and set `*err_ptr = 1` so the host can raise instead of hanging."""

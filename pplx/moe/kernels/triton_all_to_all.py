@@ -655,6 +655,7 @@ class TritonAllToAll:
                 self.hidden_dim,
                 self.comb_stride,
                 K=self.topk,
+                K_PAD=self.k_pad,
                 R=R,
                 R_PAD=self.r_pad,
                 CB=self.cb,
