@@ -202,14 +202,15 @@ class TritonAllToAll:
         self.world_size = world_size
         # One launch per phase or two, measured on 4 H100 with the token-slot layout, same
         # runs (2026-11-28, PERFORMANCE.md): dispatch fused faster at decode (EP4 32.6 vs
-        # 33.4 us, 33.8 vs 34.4; EP2 24.1 vs 26.7), combine fused faster at EP2 only (26.8
-        # vs 29.3; EP4 45.7 vs 44.6, 46.1 vs 44.7).
+        # 33.4 us, 33.8 vs 34.4; EP2 24.1 vs 26.7); combine fused faster at EP2 (26.8 vs
+        # 29.3) and, once its accesses were vectorised (session 4), at EP4 too (35.7 vs
+        # 39.9 us, 35.7 vs 38.5; it was 45.7 vs 44.6 before).
         tun = self.tuning
         decode = int(max_num_tokens) <= 512
         if fused is None:
             fused = tun.fused
         self.fused_disp = decode if fused is None else bool(fused)
-        self.fused_comb = (decode and world_size <= 2) if fused is None else bool(fused)
+        self.fused_comb = decode if fused is None else bool(fused)
         # Clock stamps need PTX (`%globaltimer`): CUDA only.
         self.prof_on = tun.prof and self.device.type == "cuda"
         sync = sync if sync is not None else (tun.sync or "v2")
@@ -327,6 +328,10 @@ class TritonAllToAll:
         # Combine receive: its own split along H (a receive program waits for the send
         # programs of its token block, so the send split must be 1 or the same).
         self.hsr = self.hs
+        if tuned and T <= 512 and world_size >= 4 and self.device.type == "cuda":
+            # Decode at EP4: two receive programs per token (4 H100, fused combine, same
+            # run, 2026-11-28 session 4: 33.1 vs 35.7 us).
+            self.hsr = 2 if self.hs == 1 else self.hs
         if tun.comb_recv_split_h:
             self.hsr = _clamp(tun.comb_recv_split_h, 1, triton.cdiv(self.hidden_dim, 64))
             if self.hs not in (1, self.hsr):
