@@ -122,10 +122,12 @@ def _cases(world_size: int):
                 in_dtype=FP8,
                 num_experts_per_token=4,
                 fused=False,
-                # rows moved in 2 tiles after the waits (not one tile loaded early) and
+                # rows moved in 2 tiles after the waits (not one tile loaded early),
+                # received in 2 tiles too (the receive path that acks after its stores),
                 # receive programs of 2 slots inside send chunks of 4 tokens; combine
-                # receive split in 2 parts along H (128 + 128), its send side not split
-                env={"PPLX_MOE_TILES": "4,2,2,2,64", "PPLX_MOE_COMB_RHS": "2"},
+                # receive split in 2 parts along H (128 + 128, 4 tiles each), its send
+                # side not split
+                env={"PPLX_MOE_TILES": "4,2,2,2,32", "PPLX_MOE_COMB_RHS": "2"},
                 expect_one_tile=False,
             ),
             [Case("3 ranks fp8, padding 16, split", 4, 256, 6, 4, FP8, 16, split=True)],

@@ -165,6 +165,7 @@ def _combine_recv(
     HS: tl.constexpr,
     HSR: tl.constexpr,
     RCHUNK,
+    ONE_TILE: tl.constexpr,
     SYNC2: tl.constexpr,
     ASM: tl.constexpr,
     PROF: tl.constexpr,
@@ -197,38 +198,61 @@ def _combine_recv(
     stamp(prof_ptr, 1, PROF)
     area = peer_ptr(table_ptr, rank, off_comb_rows, OUT_DTYPE)
     h_end = tl.minimum(H, (hr + 1) * RCHUNK)
-    for h0 in range(hr * RCHUNK, h_end, BLOCK_H):
-        ho = h0 + tl.arange(0, BLOCK_H)
+    if ONE_TILE:
+        # This program's part of the row in one tile: its reads of the combine area all
+        # come before its store, so it counts itself done (the last one acks the sources)
+        # before storing, and the ack's release does not wait behind the store.
+        ho = hr * RCHUNK + tl.arange(0, BLOCK_H)
         h_ok = ho < h_end
-        acc = tl.zeros([TB, BLOCK_H], dtype=tl.float32)
-        for d in tl.static_range(R):
-            p_r = tl.load(send_pos_ptr + t * R + d, mask=t_ok, other=-1)  # [TB], no reduction
-            v = tl.load(
-                area + (d * T_MAX + p_r)[:, None] * COMB_STRIDE + ho[None, :],
-                mask=(p_r >= 0)[:, None] & h_ok[None, :],
-                other=0.0,
-                cache_modifier=".cg",
-            )
-            acc += v.to(tl.float32)
+        acc = _partials_sum(
+            area, send_pos_ptr, t, t_ok, ho, h_ok, T_MAX, COMB_STRIDE, R, TB, BLOCK_H
+        )
+        ack_if_last(
+            state_ptr + 3, NB * HSR, state_ptr + 1, epoch, table_ptr, off_comb_ack, rank, R,
+            R_PAD, SYNC2,
+        )  # fmt: skip
         o_ptr = out_ptr + t[:, None] * stride_ot + ho[None, :]
         ok = t_ok[:, None] & h_ok[None, :]
         if ACCUMULATE:
             acc = tl.load(o_ptr, mask=ok, other=0.0).to(tl.float32) + acc
         tl.store(o_ptr, acc.to(OUT_DTYPE), mask=ok)
-    stamp(prof_ptr, 2, PROF)
-    ack_if_last(
-        state_ptr + 3,
-        NB * HSR,
-        state_ptr + 1,
-        epoch,
-        table_ptr,
-        off_comb_ack,
-        rank,
-        R,
-        R_PAD,
-        SYNC2,
-    )
+        stamp(prof_ptr, 2, PROF)
+    else:
+        for h0 in range(hr * RCHUNK, h_end, BLOCK_H):
+            ho = h0 + tl.arange(0, BLOCK_H)
+            h_ok = ho < h_end
+            acc = _partials_sum(
+                area, send_pos_ptr, t, t_ok, ho, h_ok, T_MAX, COMB_STRIDE, R, TB, BLOCK_H
+            )
+            o_ptr = out_ptr + t[:, None] * stride_ot + ho[None, :]
+            ok = t_ok[:, None] & h_ok[None, :]
+            if ACCUMULATE:
+                acc = tl.load(o_ptr, mask=ok, other=0.0).to(tl.float32) + acc
+            tl.store(o_ptr, acc.to(OUT_DTYPE), mask=ok)
+        stamp(prof_ptr, 2, PROF)
+        ack_if_last(
+            state_ptr + 3, NB * HSR, state_ptr + 1, epoch, table_ptr, off_comb_ack, rank, R,
+            R_PAD, SYNC2,
+        )  # fmt: skip
     stamp(prof_ptr, 3, PROF)
+
+
+@triton.jit
+def _partials_sum(area, send_pos_ptr, t, t_ok, ho, h_ok, T_MAX, COMB_STRIDE, R: tl.constexpr,
+                  TB: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
+    """`[TB, BLOCK_H]` f32: the partials of tokens t from every rank, columns ho, added in
+    rank order."""
+    acc = tl.zeros([TB, BLOCK_H], dtype=tl.float32)
+    for d in tl.static_range(R):
+        p_r = tl.load(send_pos_ptr + t * R + d, mask=t_ok, other=-1)  # [TB], no reduction
+        v = tl.load(
+            area + (d * T_MAX + p_r)[:, None] * COMB_STRIDE + ho[None, :],
+            mask=(p_r >= 0)[:, None] & h_ok[None, :],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        acc += v.to(tl.float32)
+    return acc
 
 
 @triton.jit
@@ -267,6 +291,7 @@ def _combine_kernel(
     HCHUNK,
     HSR: tl.constexpr,
     RCHUNK,
+    ONE_TILE: tl.constexpr,
     BLOCK_H_SEND: tl.constexpr,
     BLOCK_H_RECV: tl.constexpr,
     ACCUMULATE: tl.constexpr,
@@ -353,6 +378,7 @@ def _combine_kernel(
                 HS,
                 HSR,
                 RCHUNK,
+                ONE_TILE,
                 SYNC2,
                 ASM,
                 PROF,

@@ -352,6 +352,7 @@ def _dispatch_recv(
     SYNC2: tl.constexpr,
     ASM: tl.constexpr,
     PROF: tl.constexpr,
+    ONE_TILE_RECV: tl.constexpr,
 ):
     """Receive program (s, rc): token slots rc * RB + [0, RB) of source s (chunk c)."""
     stamp(prof_ptr, 0, PROF)
@@ -402,26 +403,45 @@ def _dispatch_recv(
     # each k's load would wait behind the previous k's stores (they might alias), K round
     # trips to L2 in a row (4 H100: fan-out 4.6 us median per program).
     src = peer_ptr(table_ptr, rank, off_rows, WORD) + (s * T_MAX + j)[:, None] * ROW_WORDS
-    for w0 in range(0, W, BLOCK_W):
-        wo = w0 + tl.arange(0, BLOCK_W)
+    so = tl.arange(0, S_PAD)
+    s_ok = so[None, :] < S
+    ssrc = peer_ptr(table_ptr, rank, off_scales, tl.int32) + (s * T_MAX + j)[:, None] * S
+    if ONE_TILE_RECV:
+        # Decode: each row is one tile, so every read of this rank's receive buffer comes
+        # before the first store: the program counts itself done (the last one acks the
+        # sources) before it fans out, and the ack's release does not wait behind the
+        # fan-out stores (4 H100: the last ack landed ~3 us after the last fan-out).
+        wo = tl.arange(0, BLOCK_W)
         w_ok = wo[None, :] < W
         v = tl.load(src + wo[None, :], mask=hit[:, None] & w_ok, cache_modifier=".cg")
+        if HAS_SCALE:
+            sv = tl.load(ssrc + so[None, :], mask=hit[:, None] & s_ok, cache_modifier=".cg")
+        _recv_done(table_ptr, state_ptr, rank, off_disp_ack, epoch, R, R_PAD, RC, SYNC2)
         for k in tl.static_range(K):
             row_k = column(row, kk, k)  # [RB]
             dst = expert_x_ptr + row_k[:, None] * stride_xr + wo[None, :]
             tl.store(dst, v, mask=(row_k >= 0)[:, None] & w_ok)
-    if HAS_SCALE:
-        so = tl.arange(0, S_PAD)
-        s_ok = so[None, :] < S
-        ssrc = peer_ptr(table_ptr, rank, off_scales, tl.int32) + (s * T_MAX + j)[:, None] * S
-        sv = tl.load(ssrc + so[None, :], mask=hit[:, None] & s_ok, cache_modifier=".cg")
-        for k in tl.static_range(K):
-            row_k = column(row, kk, k)
-            sdst = expert_xs_ptr + row_k[:, None] * stride_sr + so[None, :]
-            tl.store(sdst, sv, mask=(row_k >= 0)[:, None] & s_ok)
-
-    stamp(prof_ptr, 4, PROF)
-    _recv_done(table_ptr, state_ptr, rank, off_disp_ack, epoch, R, R_PAD, RC, SYNC2)
+            if HAS_SCALE:
+                sdst = expert_xs_ptr + row_k[:, None] * stride_sr + so[None, :]
+                tl.store(sdst, sv, mask=(row_k >= 0)[:, None] & s_ok)
+        stamp(prof_ptr, 4, PROF)
+    else:
+        for w0 in range(0, W, BLOCK_W):
+            wo = w0 + tl.arange(0, BLOCK_W)
+            w_ok = wo[None, :] < W
+            v = tl.load(src + wo[None, :], mask=hit[:, None] & w_ok, cache_modifier=".cg")
+            for k in tl.static_range(K):
+                row_k = column(row, kk, k)  # [RB]
+                dst = expert_x_ptr + row_k[:, None] * stride_xr + wo[None, :]
+                tl.store(dst, v, mask=(row_k >= 0)[:, None] & w_ok)
+        if HAS_SCALE:
+            sv = tl.load(ssrc + so[None, :], mask=hit[:, None] & s_ok, cache_modifier=".cg")
+            for k in tl.static_range(K):
+                row_k = column(row, kk, k)
+                sdst = expert_xs_ptr + row_k[:, None] * stride_sr + so[None, :]
+                tl.store(sdst, sv, mask=(row_k >= 0)[:, None] & s_ok)
+        stamp(prof_ptr, 4, PROF)
+        _recv_done(table_ptr, state_ptr, rank, off_disp_ack, epoch, R, R_PAD, RC, SYNC2)
     stamp(prof_ptr, 5, PROF)
 
 
@@ -487,6 +507,7 @@ def _dispatch_kernel(
     ASM: tl.constexpr,
     PROF: tl.constexpr,
     ONE_TILE: tl.constexpr,
+    ONE_TILE_RECV: tl.constexpr,
     DO_SEND: tl.constexpr,
     DO_RECV: tl.constexpr,
 ):
@@ -623,4 +644,5 @@ def _dispatch_kernel(
                 SYNC2,
                 ASM,
                 PROF,
+                ONE_TILE_RECV,
             )

@@ -340,8 +340,16 @@ class TritonAllToAll:
                     f"(got {self.hs})"
                 )
         self.rchunk = triton.cdiv(triton.cdiv(self.hidden_dim, self.hsr), 64) * 64
+        if tuned and T <= 512 and world_size >= 4 and self.device.type == "cuda":
+            if not tun.comb_block_h_recv:
+                # A receive program's part of the row in one tile (3584 columns at H=7168).
+                self.block_h_recv = max(self.block_h_recv, min(_pow2(self.rchunk), 4096))
         # Dispatch send: a chunk's rows in one tile are loaded before the ack wait.
         self.one_tile = self.words <= self.block_w_send
+        # Dispatch / combine receive: a row (its part) in one tile, so a program's reads of
+        # the receive buffer all come before its stores and it acks before storing.
+        self.one_tile_recv = self.words <= self.block_w_recv
+        self.comb_one_tile = self.rchunk <= self.block_h_recv
         # Record pass: FB slots (t, k) per step (a [FB, E_L] one-hot); the layout program
         # sums the [R * NC, E_L] chunk counts LB rows per step (one step at decode).
         self.fb = _clamp(8192 // self.e_local_pad, 1, self.bt * self.k_pad)
@@ -590,6 +598,7 @@ class TritonAllToAll:
                 ASM=self.asm,
                 PROF=self.prof_on,
                 ONE_TILE=self.one_tile,
+                ONE_TILE_RECV=self.one_tile_recv,
                 DO_SEND=snd,
                 DO_RECV=rcv,
                 num_warps=self.num_warps,
@@ -671,6 +680,7 @@ class TritonAllToAll:
                 HCHUNK=self.hchunk,
                 HSR=self.hsr,
                 RCHUNK=self.rchunk,
+                ONE_TILE=self.comb_one_tile,
                 BLOCK_H_SEND=self.block_h_send,
                 BLOCK_H_RECV=self.block_h_recv,
                 ACCUMULATE=bool(accumulate),
