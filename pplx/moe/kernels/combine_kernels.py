@@ -13,16 +13,20 @@ Arithmetic versus the contract (`sum over k in k order, f32`): the sum is regrou
 rank and each partial is rounded once to the output dtype, so the result differs from the
 reference by at most about 2 ulp of the output dtype times sum_k |w_k y_k| (tests bound it).
 
-Both halves split the hidden dim into HS parts of HCHUNK columns, one program per part
-(decode: more, shorter programs in flight instead of one long chain of row loads each).
+Both halves may split the hidden dim, one program per part: the send side into HS parts
+of HCHUNK columns (a hook; measured slower), the receive side into HSR parts of RCHUNK
+columns (HSR = HS, or more with an unsplit send side: two at EP4 decode).
 
-1. `_combine_send_kernel`, grid (R, CC, HS): for source s and a block of its tokens, the
-   weighted partial over local slots; stores into s's buffer; signals s. Waits first for
-   s's ack of the previous combine (buffer reuse).
-2. `_combine_recv_kernel`, grid (NB, HSR) (HSR = HS unless `comb_recv_split_h` splits only
-   the receive side): wait for the send programs that wrote this
-   program's rows (v2; v1: for every rank), add partials, write
-   `out_tokens` rows t < bound_m (optionally accumulating); the last program acks.
+1. send programs (s, cc, hs), R * CC * HS of them: for source s and a block of its tokens,
+   the weighted partial over local slots (slot rows and weights loaded as one [CB, K] tile
+   before the ack wait, columns taken from registers); stores into s's buffer; signals s.
+   Waits first for s's ack of the previous combine (buffer reuse).
+2. receive programs (b, hr), NB * HSR of them: wait for the send programs that wrote this
+   program's rows (v2; v1: for every rank), add partials, write `out_tokens` rows t <
+   bound_m (optionally accumulating); the last program acks. With its part in one tile
+   (ONE_TILE) a program has read all it needs of the combine area before it stores, so it
+   counts itself done first and the last one's ack does not wait behind the stores.
+`_combine_kernel` runs the send programs, the receive programs, or both in one grid.
 
 Warning: the weights are those given to dispatch (they travel with the tokens); combine's
 own `weights` argument must be the same tensor values.

@@ -31,8 +31,11 @@ over experts) and fans the row out to the K' rows of `expert_x` it needs.
    - (s, rc): token slots rc * RB + [0, RB) of source s (one chunk c: RB divides BT): wait
      for the layout, poll its tagged records, place each slot at `start[s, c, e] + q`, keep
      the row map and weights for combine; then wait for flag (s, c) only (the layout was
-     computed while rows were in flight) and fan the rows out. The last program of the
-     launch acks the sources.
+     computed while rows were in flight) and fan the rows out (each slot's K target rows
+     come from the [RB, K] tile in registers). The last program of the launch acks the
+     sources; when a row is one tile (ONE_TILE_RECV, decode) a program counts itself done
+     right after loading its rows and scales, before the fan-out stores, so that ack does
+     not wait behind them.
 
 No host synchronisation; `bound_m` is read on the device; grids depend only on T_MAX, so
 the whole dispatch can be captured in a CUDA graph.
