@@ -34,7 +34,7 @@ args_of() {
     new | new_b) echo "--rounds 3 --pin none --raw-poll spin" ;;
     inflight0 | inflight0_b) echo "--rounds 3 --pin none --raw-poll spin --inflight-spin-us 0" ;;
     best) echo "--rounds 2 --pin none --raw-poll best" ;;
-    # 256 MiB per rep: 16 writes per rep at 16 MiB instead of 2 (the default's 32 MiB).
+    # 256 MiB per rep (the default since session 4; these name it for older trees).
     new256) echo "--rounds 3 --pin none --raw-poll spin --bytes-per-rep 256M" ;;
     best256) echo "--rounds 2 --pin none --raw-poll best --bytes-per-rep 256M" ;;
     pin) echo "--pin auto" ;;
