@@ -36,10 +36,12 @@ def peer_ptr(table_ptr, rank, byte_off, DTYPE: tl.constexpr):
     """Typed pointer to byte `byte_off` of rank `rank`'s buffer (as mapped in this process)."""
     # Buffers are 128-byte aligned and every region offset is a multiple of 16: telling the
     # compiler lets it emit 16-byte vector loads/stores (it cannot see a loaded address).
-    # The hint must sit on the typed pointer: one on the integer does not survive the cast,
-    # and every access through the pointer then compiles to scalar loads/stores (bf16:
-    # 2-byte ones; `python -m pplx.moe.kernels.sm90` counts them).
-    base = tl.load(table_ptr + rank)
+    # The hints must sit on pointers: one on the loaded integer does not survive the cast,
+    # and every access through the pointer then compiled to scalar loads/stores (bf16:
+    # 2-byte ones; `python -m pplx.moe.kernels.sm90` counts them). A byte pointer first,
+    # then the typed one: with a constant `byte_off` a hint on the typed pointer alone was
+    # lost too (tests/moe/test_triton_compile.py checks both).
+    base = tl.multiple_of(tl.load(table_ptr + rank).to(tl.pointer_type(tl.int8)), 16)
     return tl.multiple_of((base + byte_off).to(tl.pointer_type(DTYPE)), 16)
 
 
