@@ -185,3 +185,17 @@ def emit(
     print(format_table(rows, columns))
     if csv_path:
         print(f"# rows appended to {csv_path}")
+
+
+def rank_device(rank: int, cpu: bool):
+    """A benchmark rank's device: CUDA device `rank % count` (made current) unless `cpu` or
+    no CUDA, else the CPU with the Triton interpreter chosen (before any kernel module is
+    imported in this process: decorated kernels read TRITON_INTERPRET when defined)."""
+    import torch
+
+    if torch.cuda.is_available() and not cpu:
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
+    os.environ["TRITON_INTERPRET"] = "1"
+    return torch.device("cpu")

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pplx.bench.common import Row, emit, percentiles
+from pplx.bench.common import Row, emit, percentiles, rank_device
 from pplx.moe.kernels.tuning import Tuning
 
 FP8 = torch.float8_e4m3fn
@@ -435,13 +435,8 @@ def _peer_copy_gbps(rank, world_size, device, iters: int) -> float:
 
 
 def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> list[Row] | None:
-    cuda = torch.cuda.is_available() and not args.cpu
-    if not cuda:
-        # The interpreter must be chosen before the kernel modules are imported.
-        os.environ["TRITON_INTERPRET"] = "1"
-    device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    device = rank_device(rank, args.cpu)
+    cuda = device.type == "cuda"
     group = None
     timer = _Timer(
         device,

@@ -29,12 +29,11 @@ after the store case (and the sums against torch) before anything is timed.
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 import torch.distributed as dist
 
-from pplx.bench.common import Row, emit, percentiles
+from pplx.bench.common import Row, emit, percentiles, rank_device
 
 DEFAULT_CSV = "experiments/results/moe/nvlink.csv"
 
@@ -162,12 +161,8 @@ class _Probe:
 
 
 def _rank_main(rank: int, world: int, args) -> list[Row] | None:
-    cuda = torch.cuda.is_available() and not args.cpu
-    if not cuda:
-        os.environ["TRITON_INTERPRET"] = "1"
-    device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    device = rank_device(rank, args.cpu)
+    cuda = device.type == "cuda"
     pr = _Probe(args, rank, world, device)
     pr.check_store()
     if rank == 0:

@@ -215,11 +215,7 @@ def _combine_recv(
             state_ptr + 3, NB * HSR, state_ptr + 1, epoch, table_ptr, off_comb_ack, rank, R,
             R_PAD, SYNC2,
         )  # fmt: skip
-        o_ptr = out_ptr + t[:, None] * stride_ot + ho[None, :]
-        ok = t_ok[:, None] & h_ok[None, :]
-        if ACCUMULATE:
-            acc = tl.load(o_ptr, mask=ok, other=0.0).to(tl.float32) + acc
-        tl.store(o_ptr, acc.to(OUT_DTYPE), mask=ok)
+        _store_out(out_ptr, stride_ot, t, t_ok, ho, h_ok, acc, ACCUMULATE, OUT_DTYPE)
         stamp(prof_ptr, 2, PROF)
     else:
         for h0 in range(hr * RCHUNK, h_end, BLOCK_H):
@@ -228,17 +224,24 @@ def _combine_recv(
             acc = _partials_sum(
                 area, send_pos_ptr, t, t_ok, ho, h_ok, T_MAX, COMB_STRIDE, R, TB, BLOCK_H
             )
-            o_ptr = out_ptr + t[:, None] * stride_ot + ho[None, :]
-            ok = t_ok[:, None] & h_ok[None, :]
-            if ACCUMULATE:
-                acc = tl.load(o_ptr, mask=ok, other=0.0).to(tl.float32) + acc
-            tl.store(o_ptr, acc.to(OUT_DTYPE), mask=ok)
+            _store_out(out_ptr, stride_ot, t, t_ok, ho, h_ok, acc, ACCUMULATE, OUT_DTYPE)
         stamp(prof_ptr, 2, PROF)
         ack_if_last(
             state_ptr + 3, NB * HSR, state_ptr + 1, epoch, table_ptr, off_comb_ack, rank, R,
             R_PAD, SYNC2,
         )  # fmt: skip
     stamp(prof_ptr, 3, PROF)
+
+
+@triton.jit
+def _store_out(out_ptr, stride_ot, t, t_ok, ho, h_ok, acc, ACCUMULATE: tl.constexpr,
+               OUT_DTYPE: tl.constexpr):  # fmt: skip
+    """out_tokens[t, ho] = acc (plus the old value with ACCUMULATE), cast to OUT_DTYPE."""
+    o_ptr = out_ptr + t[:, None] * stride_ot + ho[None, :]
+    ok = t_ok[:, None] & h_ok[None, :]
+    if ACCUMULATE:
+        acc = tl.load(o_ptr, mask=ok, other=0.0).to(tl.float32) + acc
+    tl.store(o_ptr, acc.to(OUT_DTYPE), mask=ok)
 
 
 @triton.jit
