@@ -64,13 +64,20 @@ def our_measured(workload: Workload, path: str = MOE_CSV) -> list[dict]:
     """Rows of this repository's MoE benchmark (`python -m pplx.bench moe`) whose shape is
     exactly this workload ("T128 H7168 K8 E256"): the latest p50 per (ranks, phase, impl,
     device) of whole dispatch / combine calls (impl "triton:dispatch", "baseline:combine",
-    "floor:dispatch", ...; split halves and peer copies are left out). [] when none."""
+    "floor:dispatch", ...; split halves, kernel-only spans and peer copies are left out).
+    The Triton kernels' defaults count as "triton" whether or not the run also timed
+    variants ("triton-default"); the variants themselves ("triton-<name>") are experiments
+    and left out. [] when none."""
     w = workload
     label = f"T{w.num_tokens} H{w.hidden_dim} K{w.num_experts_per_token} E{w.num_experts}"
     latest: dict[tuple, dict] = {}
     for r in read_rows(path):
         impl, _, phase = r.get("impl", "").partition(":")
         if r.get("shape", "") != label or phase not in ("dispatch", "combine"):
+            continue
+        if impl == "triton-default":
+            impl = "triton"
+        elif impl.startswith("triton-"):
             continue
         latest[(int(r["ranks"]), phase, impl, r.get("device", ""))] = r
     return [

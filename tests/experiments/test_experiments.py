@@ -81,7 +81,8 @@ def test_rl_weights_measured_run_is_bit_exact(quick_root):
 
 
 def test_measured_moe_rows_are_parsed(tmp_path):
-    """Whole-call rows of the decode shape are picked, split halves and other shapes not."""
+    """Whole-call rows of the decode shape are picked (the defaults of a variant run as
+    "triton"), split halves, kernel spans, variants and other shapes not."""
     from experiments.moe_latency import our_measured
     from pplx.bench.common import Row, write_csv
     from pplx.sim import DECODE
@@ -92,8 +93,22 @@ def test_measured_moe_rows_are_parsed(tmp_path):
         Row("moe", "decode", "triton:dispatch-send", 20.0, 19.0, 21.0, ranks=2, shape=shape),
         Row("moe", "decode", "baseline:combine", 99.0, 90.0, 110.0, ranks=4, shape=shape),
         Row("moe", "decode", "triton:dispatch", 5e3, 5e3, 5e3, ranks=2, shape="T8 H256 K2 E8"),
+        # a later run that timed variants: its defaults replace the older triton row, the
+        # variant and the kernel-only span are left out
+        Row("moe", "decode", "triton-default:dispatch", 25.0, 24.0, 26.0, ranks=2, shape=shape),
+        Row("moe", "decode", "triton-fused:dispatch", 24.0, 23.0, 25.0, ranks=2, shape=shape),
+        Row(
+            "moe",
+            "decode",
+            "triton-default:dispatch-kernels",
+            20.0,
+            20.0,
+            20.0,
+            ranks=2,
+            shape=shape,
+        ),  # fmt: skip
     ]
     path = str(tmp_path / "moe.csv")
     write_csv(rows, path)
     got = sorted((r["ep"], r["phase"], r["system"], r["us"]) for r in our_measured(DECODE, path))
-    assert got == [(2, "dispatch", "ours_triton", 55.0), (4, "combine", "ours_baseline", 99.0)]
+    assert got == [(2, "dispatch", "ours_triton", 25.0), (4, "combine", "ours_baseline", 99.0)]
