@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from pplx.bench.common import Row, emit, percentiles, rank_device
+from pplx.bench.timing import PhaseTimer, slowest
 from pplx.moe.kernels.tuning import Tuning
 
 FP8 = torch.float8_e4m3fn
@@ -69,77 +69,6 @@ def _shapes(quick: bool, cases: list[str]) -> list[Shape]:
             "prefill": Shape("prefill", 4096, 7168, 8, 256),
         }
     return [table[c] for c in cases]
-
-
-# ------------------------------------------------------------------------------- timing
-
-
-class _Timer:
-    """Per-iteration phase timer: CUDA events (GPU time) or perf_counter (CPU)."""
-
-    def __init__(
-        self,
-        device: torch.device,
-        group: dist.ProcessGroup | None,
-        realign: bool = True,
-        graphs: bool = True,
-        kineto: int = 0,
-    ):
-        self.cuda = device.type == "cuda"
-        self.realign = realign
-        # Triton phases replayed from CUDA graphs (default) or launched eagerly: a graph
-        # replay of one kernel adds the graph launch's own GPU-side latency between the
-        # events, which a model's step (one graph of many kernels) pays once, not per phase.
-        self.graphs = graphs
-        self.kineto = kineto  # iterations timed again with CUPTI (kernel spans), CUDA only
-        self.device = device
-        self.group = group
-        self._zero = torch.zeros(1, device=device)
-
-    def start_iteration(self) -> None:
-        if self.cuda:
-            dist.all_reduce(self._zero, group=self.group)  # GPU-side rendezvous of all ranks
-            # ~2 ms of GPU sleep (4e6 cycles at <= 2 GHz): the CPU queues the whole iteration
-            # meanwhile, so CPU launch time (a graph replay costs ~10-20 us of CPU) does not
-            # show up as gaps between the events: with a 20 us sleep, EP4 decode dispatch
-            # read 70-81 us instead of 53 us (4 H100, 2026-11-27).
-            torch.cuda._sleep(4_000_000)
-            # A sleep of N cycles ends at different times on GPUs at different clocks: the
-            # kernels' clock stamps showed ranks entering a phase up to 65 us apart (4 H100,
-            # 2026-11-28), which whole-phase and receive-half rows then counted as latency.
-            # A second rendezvous after the sleep (queued behind it, so it costs the CPU
-            # nothing) lines the ranks up again to within one all-reduce's exit skew.
-            if self.realign:
-                dist.all_reduce(self._zero, group=self.group)
-        else:
-            dist.barrier(self.group)
-
-    def mark(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
-
-    def elapsed_us(self, a, b) -> float:
-        if self.cuda:
-            return a.elapsed_time(b) * 1e3
-        return (b - a) * 1e6
-
-    def finish(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
-
-def _slowest(samples: dict[str, list[float]], group) -> dict[str, list[float]]:
-    """Per iteration, the slowest rank's time (a collective ends when the last rank does)."""
-    out = {}
-    for name, vals in samples.items():
-        t = torch.tensor(vals, dtype=torch.float64)
-        gathered = [torch.zeros_like(t) for _ in range(dist.get_world_size(group))]
-        dist.all_gather_object(gathered, t, group=group)
-        out[name] = torch.stack(gathered).max(0).values.tolist()
-    return out
 
 
 # ------------------------------------------------------------------------------- inputs
@@ -444,7 +373,7 @@ def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> list[Row
     device = rank_device(rank, args.cpu)
     cuda = device.type == "cuda"
     group = None
-    timer = _Timer(
+    timer = PhaseTimer(
         device,
         group,
         realign=args.start == "realign",
@@ -496,10 +425,10 @@ def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> list[Row
                         tuning=Tuning.from_env({**os.environ, **env}),
                         label=f"triton-{name}",
                     )
-                    results[f"triton-{name}"] = _slowest(s, group)
+                    results[f"triton-{name}"] = slowest(s, group)
                 continue
             s = bench[impl](shape, rank, world_size, device, group, args.iters, args.warmup, timer)
-            results[impl] = _slowest(s, group)
+            results[impl] = slowest(s, group)
         if rank != 0:
             continue
         base = results.get("baseline", {})

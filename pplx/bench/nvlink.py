@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from pplx.bench.common import Row, emit, percentiles, rank_device
+from pplx.bench.timing import PhaseTimer, slowest
 
 DEFAULT_CSV = "experiments/results/moe/nvlink.csv"
 
@@ -57,6 +58,7 @@ class _Probe:
         vals = torch.randn(world, self.n, args.row_bytes // 2, generator=g).to(torch.bfloat16)
         self.src = vals.view(torch.int64).to(device)
         self._zero = torch.zeros(1, device=device)
+        self.timer = PhaseTimer(device, None)
 
     # -- helpers
     def sync_all(self):
@@ -64,44 +66,24 @@ class _Probe:
             torch.cuda.synchronize(self.device)
         dist.barrier()
 
-    def gpu_start(self):
-        """All ranks start together (the same start as pplx.bench.moe)."""
-        if self.cuda:
-            dist.all_reduce(self._zero)
-            torch.cuda._sleep(2_000_000)
-            dist.all_reduce(self._zero)
-        else:
-            dist.barrier()
-
     def time_it(self, fn, iters: int, warmup: int, before=None, late=False) -> list[float]:
-        """Slowest rank's time of `fn` per iteration; `before` runs ahead of the aligned
-        start (the GPU sleep between), or right before `fn` with `late`."""
+        """Slowest rank's time of `fn` per iteration (the iteration start of
+        `pplx.bench.moe`); `before` runs ahead of that start (the GPU sleep between), or
+        right before `fn` with `late`."""
         out = []
         for i in range(iters + warmup):
             if before is not None and not late:
                 before()
-            self.gpu_start()
+            self.timer.start_iteration()
             if before is not None and late:
                 before()
-            if self.cuda:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                torch.cuda.synchronize(self.device)
-                us = a.elapsed_time(b) * 1e3
-            else:
-                import time
-
-                t0 = time.perf_counter()
-                fn()
-                us = (time.perf_counter() - t0) * 1e6
+            a = self.timer.mark()
+            fn()
+            b = self.timer.mark()
+            self.timer.finish()
             if i >= warmup:
-                out.append(us)
-        t = torch.tensor(out, dtype=torch.float64)
-        gathered = [torch.zeros_like(t) for _ in range(self.world)]
-        dist.all_gather_object(gathered, t)
-        return torch.stack(gathered).max(0).values.tolist()
+                out.append(self.timer.elapsed_us(a, b))
+        return slowest({"t": out}, None)["t"]
 
     def store(self, warps: int, progs: int, rr: bool, stages: int):
         items = self.world * self.n

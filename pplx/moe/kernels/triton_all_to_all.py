@@ -328,10 +328,12 @@ class TritonAllToAll:
         # Combine receive: its own split along H (a receive program waits for the send
         # programs of its token block, so the send split must be 1 or the same).
         self.hsr = self.hs
-        if tuned and T <= 512 and world_size >= 4 and self.device.type == "cuda":
-            # Decode at EP4: two receive programs per token (4 H100, fused combine, same
-            # run, 2026-11-28 session 4: 33.1 vs 35.7 us).
-            self.hsr = 2 if self.hs == 1 else self.hs
+        # Decode from EP4 on (CUDA): two receive programs per token, each with its half of
+        # the row (3584 columns at H=7168) in one tile (4 H100, fused combine, same run,
+        # 2026-11-28 session 4: 33.1 vs 35.7 us).
+        ep4_decode = tuned and T <= 512 and world_size >= 4 and self.device.type == "cuda"
+        if ep4_decode and self.hs == 1:
+            self.hsr = 2
         if tun.comb_recv_split_h:
             self.hsr = _clamp(tun.comb_recv_split_h, 1, triton.cdiv(self.hidden_dim, 64))
             if self.hs not in (1, self.hsr):
@@ -340,10 +342,8 @@ class TritonAllToAll:
                     f"(got {self.hs})"
                 )
         self.rchunk = triton.cdiv(triton.cdiv(self.hidden_dim, self.hsr), 64) * 64
-        if tuned and T <= 512 and world_size >= 4 and self.device.type == "cuda":
-            if not tun.comb_block_h_recv:
-                # A receive program's part of the row in one tile (3584 columns at H=7168).
-                self.block_h_recv = max(self.block_h_recv, min(_pow2(self.rchunk), 4096))
+        if ep4_decode and not tun.comb_block_h_recv:
+            self.block_h_recv = max(self.block_h_recv, min(_pow2(self.rchunk), 4096))
         # Dispatch send: a chunk's rows in one tile are loaded before the ack wait.
         self.one_tile = self.words <= self.block_w_send
         # Dispatch / combine receive: a row (its part) in one tile, so a program's reads of
