@@ -248,7 +248,7 @@ def _print_profile(stamps: dict[str, torch.Tensor], rank: int, label: str) -> No
                     continue
                 rel = (col - t0).double() / 1e3
                 parts.append(f"s{i} {rel.median().item():6.1f}/{rel.max().item():6.1f}")
-            print(f"# prof {label} rank{rank} {name:14s} n={v.shape[0]:4d} " + "  ".join(parts))
+            print(f"# prof {label} rank{rank} {name:16s} n={v.shape[0]:4d} " + "  ".join(parts))
 
 
 def _bench_baseline(shape, rank, world_size, device, group, iters, warmup, timer):

@@ -74,8 +74,10 @@ def _cases(world_size: int):
                     num_experts_per_token=3,
                     block_tokens=2,  # 3 chunks of 2 tokens
                     fused=True,  # one launch per phase: send programs, then receive ones
-                    # combine split in 3 parts along H: 128 + 128 + an empty one
-                    env={"PPLX_MOE_COMB_HS": "3"},
+                    # combine split in 3 parts along H: 128 + 128 + an empty one; rows
+                    # sent by 3 programs per (chunk, destination): 12 + 12 + 8 words, the
+                    # scales with the last
+                    env={"PPLX_MOE_COMB_HS": "3", "PPLX_MOE_ROWS_SPLIT": "3"},
                 ),
                 [
                     Case("fp8 + scales, padding 16", 5, 256, 8, 3, FP8, 16, iters=2),
@@ -92,6 +94,7 @@ def _cases(world_size: int):
                     in_dtype=torch.bfloat16,
                     num_experts_per_token=4,
                     sync="v1",  # the previous signalling protocol stays covered
+                    env={"PPLX_MOE_ROWS_SPLIT": "2"},  # its counters with 2 rows programs
                 ),
                 [Case("K == E (every token to every expert), sync v1", 4, 32, 4, 4)],
             ),
@@ -106,6 +109,7 @@ def _cases(world_size: int):
                 in_dtype=torch.bfloat16,
                 num_experts_per_token=2,
                 fused=True,
+                env={"PPLX_MOE_ROWS_SPLIT": "2"},  # 2 rows programs of 6 words each
             ),
             [
                 Case("3 ranks (not a power of two)", 5, 48, 6, 2, iters=2),
@@ -164,6 +168,8 @@ def _worker(rank: int, world_size: int) -> int:
                 os.environ.pop(k, None)
         # Both send paths are covered: rows in one tile loaded before the waits, or in tiles.
         assert at.one_tile == one_tile, (at.one_tile, at.block_w_send, at.words)
+        # Rows programs per (chunk, destination) as asked (each part of the row moved once).
+        assert at.rows_split == int(env.get("PPLX_MOE_ROWS_SPLIT", 1)), at.rows_split
         for i, case in enumerate(cases):
             run_case(at, case, 100 * n + i, rank, world_size, torch.device("cpu"))
             done += 1

@@ -13,11 +13,13 @@ turns counts into the contract's positions (prefix over (source, chunk), padded 
 over experts) and fans the row out to the K' rows of `expert_x` it needs.
 
 `_dispatch_kernel`, one grid of send programs (c, d) and/or receive programs (s, rc):
-1. send, two programs per (token chunk c, destination rank d), each first waiting for d's
-   ack of the previous dispatch (buffer reuse); no prefix over earlier chunks in either:
-   - rows program: load the chunk's rows (before the wait when a row fits one tile),
-     store the rows of the tokens that reach d at `rows[rank, t]`, then signal flag
-     (rank, c) of d (a system-scope release: waits until the rows have drained);
+1. send, 1 + RS programs per (token chunk c, destination rank d), each first waiting for
+   d's ack of the previous dispatch (buffer reuse); no prefix over earlier chunks in any:
+   - RS rows programs (RS = `Tuning.rows_split`, 1 by default), each with its part of
+     the row: load the chunk's rows (before the wait when they fit one tile), store the
+     rows of the tokens that reach d at `rows[rank, t]`, then signal flag (rank, c) of d
+     (a system-scope release: waits until the rows have drained; with RS > 1 the RS
+     programs count the flag up to RS * (epoch + 1));
    - records program: the records of every slot of the chunk (-1 where the expert is not
      d's or t >= bound_m) and the chunk's counts per local expert of d, as tagged words
      (`(epoch + 1) << 32 | payload`, each one 8-byte store) with no fence and no flag: a
@@ -72,7 +74,7 @@ def _live_tokens(bound_m_ptr, num_tokens):
 def _dispatch_send(
     c,  # token chunk
     d,  # destination rank
-    rows,  # 1: the rows program of (c, d), 0: the records program
+    part,  # >= 0: rows program `part` of (c, d) (words part * WCH + [0, WCH)); -1: records
     prof_ptr,  # [8] int64 time stamps of this program (PROF only)
     x_ptr,  # [T, W] words
     stride_xt,
@@ -97,6 +99,7 @@ def _dispatch_send(
     off_scales,
     T_MAX,
     W,  # words per row
+    WCH,  # words per rows program (W if RS == 1)
     ROW_WORDS,  # row stride in the receive area, words
     S,
     HAS_SCALE: tl.constexpr,
@@ -107,6 +110,7 @@ def _dispatch_send(
     R: tl.constexpr,
     BT: tl.constexpr,
     NC: tl.constexpr,
+    RS: tl.constexpr,
     FB: tl.constexpr,
     BLOCK_W: tl.constexpr,
     S_PAD: tl.constexpr,
@@ -117,8 +121,9 @@ def _dispatch_send(
     PROF: tl.constexpr,
     ONE_TILE: tl.constexpr,
 ):
-    """Send program (c, d) of token chunk c to destination rank d: its rows if `rows`
-    (then flag (rank, c) in d), else its records and counts (tagged words, no flag)."""
+    """Send program (c, d) of token chunk c to destination rank d: part `part` of its rows
+    (then flag (rank, c) in d; RS rows programs per (c, d) count it up together), or, with
+    part -1, its records and counts (tagged words, no flag)."""
     stamp(prof_ptr, 0, PROF)
     m = _live_tokens(bound_m_ptr, num_tokens)
     t = c * BT + tl.arange(0, BT)  # [BT]
@@ -129,22 +134,26 @@ def _dispatch_send(
     # Buffer reuse: d must have consumed our previous dispatch before we overwrite it.
     ack = peer_ptr(table_ptr, rank, off_disp_ack, tl.int32) + d
     flags = peer_ptr(table_ptr, d, off_disp_flag, tl.int32)
-    if rows:
+    if part >= 0:
+        # This program's words [w_lo, w_hi) of each row; the scales go with the last part.
+        w_lo = part * WCH
+        w_hi = tl.minimum(w_lo + WCH, W)
+        last_part = part == RS - 1
         wo = tl.arange(0, BLOCK_W)
         so = tl.arange(0, S_PAD)
         xv = tl.zeros([BT, BLOCK_W], dtype=WORD)
         sv = tl.zeros([BT, S_PAD], dtype=tl.int32)
         if ONE_TILE:
-            # The chunk's rows and scales in one tile, loaded before the ack wait so their
-            # HBM latency overlaps it (input data: no ordering with the peers is involved).
+            # The chunk's rows (part) and scales in one tile, loaded before the ack wait so
+            # their HBM latency overlaps it (input data: no ordering with the peers).
             xv = tl.load(
-                x_ptr + t[:, None] * stride_xt + wo[None, :],
-                mask=t_ok[:, None] & (wo[None, :] < W),
+                x_ptr + t[:, None] * stride_xt + (w_lo + wo)[None, :],
+                mask=t_ok[:, None] & ((w_lo + wo)[None, :] < w_hi),
             )
             if HAS_SCALE:
                 sv = tl.load(
                     xs_ptr + t[:, None] * stride_st + so[None, :],
-                    mask=t_ok[:, None] & (so[None, :] < S),
+                    mask=t_ok[:, None] & (so[None, :] < S) & last_part,
                 )
         # Whether token t reaches d: any of its K experts in d's block.
         kk = tl.arange(0, K_PAD)
@@ -162,24 +171,30 @@ def _dispatch_send(
         stamp(prof_ptr, 1, PROF)
         dst = peer_ptr(table_ptr, d, off_rows, WORD) + (rank * T_MAX + t)[:, None] * ROW_WORDS
         if ONE_TILE:
-            tl.store(dst + wo[None, :], xv, mask=hit[:, None] & (wo[None, :] < W))
+            ok = hit[:, None] & ((w_lo + wo)[None, :] < w_hi)
+            tl.store(dst + (w_lo + wo)[None, :], xv, mask=ok)
         else:
             src = x_ptr + t[:, None] * stride_xt
-            for w0 in range(0, W, BLOCK_W):
-                ok = hit[:, None] & ((w0 + wo)[None, :] < W)
+            for w0 in range(w_lo, w_hi, BLOCK_W):
+                ok = hit[:, None] & ((w0 + wo)[None, :] < w_hi)
                 v = tl.load(src + (w0 + wo)[None, :], mask=ok)
                 tl.store(dst + (w0 + wo)[None, :], v, mask=ok)
         if HAS_SCALE:
-            ok = hit[:, None] & (so[None, :] < S)
+            ok = hit[:, None] & (so[None, :] < S) & last_part
             if not ONE_TILE:
                 sv = tl.load(xs_ptr + t[:, None] * stride_st + so[None, :], mask=ok)
             dsc = peer_ptr(table_ptr, d, off_scales, tl.int32) + (rank * T_MAX + t)[:, None] * S
             tl.store(dsc + so[None, :], sv, mask=ok)
-        tl.store(send_pos_ptr + t * R + d, tl.where(hit, t, -1), mask=t_ok)
+        if part == 0:
+            tl.store(send_pos_ptr + t * R + d, tl.where(hit, t, -1), mask=t_ok)
         stamp(prof_ptr, 2, PROF)
         if SYNC2:
-            # v2: flag (rank, c) in d's [R, NC] flags, value epoch + 1.
-            signal_set(flags + rank * NC + c, epoch + 1)
+            # v2: flag (rank, c) in d's [R, NC] flags: epoch + 1, or with RS rows programs
+            # per (c, d) a counter that reaches RS * (epoch + 1).
+            if RS == 1:
+                signal_set(flags + rank * NC + c, epoch + 1)
+            else:
+                signal_add(flags + rank * NC + c)
         else:
             signal_add(flags + rank)
     else:
@@ -221,7 +236,7 @@ def _dispatch_send(
         stamp(prof_ptr, 2, PROF)
     stamp(prof_ptr, 3, PROF)
     # The last send program to finish has read the epoch everywhere: next send epoch.
-    if last_program_done(state_ptr + 6, 2 * NC * R):
+    if last_program_done(state_ptr + 6, (1 + RS) * NC * R):
         tl.store(state_ptr + 5, epoch + 1)
 
 
@@ -346,6 +361,7 @@ def _dispatch_recv(
     R_PAD: tl.constexpr,
     BT: tl.constexpr,
     NC: tl.constexpr,
+    RS: tl.constexpr,
     RB: tl.constexpr,
     RC: tl.constexpr,
     BLOCK_W: tl.constexpr,
@@ -394,12 +410,12 @@ def _dispatch_recv(
 
     stamp(prof_ptr, 2, PROF)
     if SYNC2:
-        # The rows of (s, c) have landed: flag (s, c).
-        wait_one_ge(flags + s * NC + c, epoch + 1, err, MAX_SPIN, ASM)
+        # The rows of (s, c) have landed: flag (s, c) (counted up by its RS rows programs).
+        wait_one_ge(flags + s * NC + c, (epoch + 1) * RS, err, MAX_SPIN, ASM)
     else:
         # v1: one counter per source, every rows program of the source adds 1.
         for r in range(R):
-            wait_ge(flags + r, (epoch + 1) * NC, err, MAX_SPIN)
+            wait_ge(flags + r, (epoch + 1) * NC * RS, err, MAX_SPIN)
     stamp(prof_ptr, 3, PROF)
     # Fan out: read each received row once, store it to its K' rows of expert_x. Slot k's
     # rows come out of the [RB, K] tile in registers (`column`): read back from memory,
@@ -420,6 +436,7 @@ def _dispatch_recv(
         if HAS_SCALE:
             sv = tl.load(ssrc + so[None, :], mask=hit[:, None] & s_ok, cache_modifier=".cg")
         _recv_done(table_ptr, state_ptr, rank, off_disp_ack, epoch, R, R_PAD, RC, SYNC2)
+        stamp(prof_ptr, 6, PROF)  # loads complete (the done count's release waited for them)
         for k in tl.static_range(K):
             row_k = column(row, kk, k)  # [RB]
             dst = expert_x_ptr + row_k[:, None] * stride_xr + wo[None, :]
@@ -473,7 +490,7 @@ def _dispatch_kernel(
     starts_ptr,
     expert_padding,
     # both
-    prof_ptr,  # [NC * R + R * RC, 8] int64 time stamps per program (PROF only)
+    prof_ptr,  # [(1 + RS) * NC * R + 1 + R * RC, 8] int64 stamps per program (PROF only)
     table_ptr,
     state_ptr,
     rank,
@@ -486,6 +503,7 @@ def _dispatch_kernel(
     off_scales,
     T_MAX,
     W,
+    WCH,
     ROW_WORDS,
     S,
     HAS_SCALE: tl.constexpr,
@@ -497,6 +515,7 @@ def _dispatch_kernel(
     R_PAD: tl.constexpr,
     BT: tl.constexpr,
     NC: tl.constexpr,
+    RS: tl.constexpr,
     FB: tl.constexpr,
     LB: tl.constexpr,
     RB: tl.constexpr,
@@ -514,9 +533,10 @@ def _dispatch_kernel(
     DO_SEND: tl.constexpr,
     DO_RECV: tl.constexpr,
 ):
-    """Grid (2 * NC * R if DO_SEND) + (R * RC if DO_RECV): the send programs first (rows
-    programs (c, d), then records programs (c, d)), then the receive programs (s, rc); with
-    both, one launch does the whole dispatch.
+    """Grid ((1 + RS) * NC * R if DO_SEND) + (1 + R * RC if DO_RECV): the send programs
+    first (records programs (c, d), then RS rows programs (c, d) per pair, part-major),
+    then the layout program and the receive programs (s, rc); with both, one launch does
+    the whole dispatch.
 
     Warning: with DO_SEND and DO_RECV a receive program spins until send programs of this
     launch (its own rank's chunks to itself) have signalled. That relies on the blocks of
@@ -527,14 +547,14 @@ def _dispatch_kernel(
     index order (sends first) in each rank's process.
     """
     pid = tl.program_id(0)
-    n_send = 2 * NC * R if DO_SEND else 0  # constexpr: a half not asked for is not compiled
+    n_send = (1 + RS) * NC * R if DO_SEND else 0  # constexpr: a half not asked for is not compiled
     if DO_SEND:
         if pid < n_send:
             # Records programs first (short, no fence), then rows programs.
             _dispatch_send(
                 pid % NC,
                 (pid // NC) % R,
-                pid >= NC * R,
+                pid // (NC * R) - 1,
                 prof_ptr + pid * 8,
                 x_ptr,
                 stride_xt,
@@ -559,6 +579,7 @@ def _dispatch_kernel(
                 off_scales,
                 T_MAX,
                 W,
+                WCH,
                 ROW_WORDS,
                 S,
                 HAS_SCALE,
@@ -569,6 +590,7 @@ def _dispatch_kernel(
                 R,
                 BT,
                 NC,
+                RS,
                 FB,
                 BLOCK_W_SEND,
                 S_PAD,
@@ -638,6 +660,7 @@ def _dispatch_kernel(
                 R_PAD,
                 BT,
                 NC,
+                RS,
                 RB,
                 RC,
                 BLOCK_W_RECV,

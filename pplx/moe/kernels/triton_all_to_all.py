@@ -305,7 +305,17 @@ class TritonAllToAll:
         self.r_pad = _pow2(R)
         self.s_pad = _pow2(max(1, self.hidden_dim_scale))
         wpad = _pow2(self.words)
-        self.block_w_send = _clamp(cap // self.bt, 16, wpad)
+        # Dispatch rows programs per (chunk, destination), each with `rows_chunk` words of
+        # the row (whole 16-byte vectors; the last part may be shorter).
+        vec = max(1, 16 // self.word_bytes)
+        self.rows_split = 1
+        if tun.rows_split:
+            self.rows_split = _clamp(tun.rows_split, 1, triton.cdiv(self.words, vec))
+        self.rows_chunk = self.words
+        if self.rows_split > 1:
+            self.rows_chunk = triton.cdiv(triton.cdiv(self.words, self.rows_split), vec) * vec
+            self.rows_split = triton.cdiv(self.words, self.rows_chunk)
+        self.block_w_send = _clamp(cap // self.bt, 16, _pow2(self.rows_chunk))
         self.block_w_recv = _clamp(cap // self.rb, 16, wpad)
         hpad = _pow2(self.hidden_dim)
         self.block_h_send = _clamp(cap // self.cb, 32, hpad)
@@ -344,8 +354,8 @@ class TritonAllToAll:
         self.rchunk = triton.cdiv(triton.cdiv(self.hidden_dim, self.hsr), 64) * 64
         if ep4_decode and not tun.comb_block_h_recv:
             self.block_h_recv = max(self.block_h_recv, min(_pow2(self.rchunk), 4096))
-        # Dispatch send: a chunk's rows in one tile are loaded before the ack wait.
-        self.one_tile = self.words <= self.block_w_send
+        # Dispatch send: a chunk's rows (part) in one tile are loaded before the ack wait.
+        self.one_tile = self.rows_chunk <= self.block_w_send
         # Dispatch / combine receive: a row (its part) in one tile, so a program's reads of
         # the receive buffer all come before its stores and it acks before storing.
         self.one_tile_recv = self.words <= self.block_w_recv
@@ -395,7 +405,8 @@ class TritonAllToAll:
         # Profiling (PPLX_MOE_PROF=1, CUDA): `[4, programs, 8]` int64 GPU clock stamps per
         # program of the launches dispatch send (or fused dispatch), dispatch recv,
         # combine send (or fused combine), combine recv; see `profile()`.
-        n_prog = max(2 * self.nc * R + 1 + R * self.rc, R * self.cc * self.hs + self.nb * self.hsr)
+        n_disp = (1 + self.rows_split) * self.nc * R + 1 + R * self.rc
+        n_prog = max(n_disp, R * self.cc * self.hs + self.nb * self.hsr)
         self.prof = torch.zeros(4, n_prog if self.prof_on else 1, 8, dtype=torch.int64, device=dev)
         self.send_pos = torch.full((T, R), -1, **i32)
         # Dispatch layout: row of expert_x where each (source, chunk)'s slots of local
@@ -455,23 +466,28 @@ class TritonAllToAll:
     def profile(self) -> dict[str, torch.Tensor]:
         """Clock stamps of the last launches (PPLX_MOE_PROF=1 on CUDA; a host sync).
 
-        Returns `{half: [programs, 8] int64}` (halves "dispatch-send", "dispatch-recv",
-        "combine-send", "combine-recv"; in fused mode both halves come from one launch): ns
-        of this GPU's clock (GPUs' clocks are not synchronised), 0 where no stamp was
-        written; stamp i is `stamp(prof_ptr, i)` in dispatch_kernels.py / combine_kernels.py.
+        Returns `{part: [programs, 8] int64}` (parts "dispatch-records", "dispatch-rows",
+        "dispatch-layout", "dispatch-recv", "combine-send", "combine-recv"; in fused mode
+        both halves of a phase come from one launch): ns of this GPU's clock (GPUs' clocks
+        are not synchronised), 0 where no stamp was written; stamp i is
+        `stamp(prof_ptr, i)` in dispatch_kernels.py / combine_kernels.py.
         """
         if not self.prof_on:
             raise RuntimeError("profiling is off: set PPLX_MOE_PROF=1 before construction (CUDA)")
         p = self.prof.cpu()
         R = self.world_size
-        ds, dr = 2 * self.nc * R, 1 + R * self.rc
+        nrec = self.nc * R  # records programs, then rows programs
+        ds, dr = (1 + self.rows_split) * nrec, 1 + R * self.rc
         cs, cr = R * self.cc * self.hs, self.nb * self.hsr
         # A fused launch wrote both halves into one slot, send programs first.
         dr0 = (0, ds) if self.fused_disp else (1, 0)
         cr0 = (2, cs) if self.fused_comb else (3, 0)
+        recv = p[dr0[0], dr0[1] : dr0[1] + dr]  # the layout program first
         return {
-            "dispatch-send": p[0, :ds],
-            "dispatch-recv": p[dr0[0], dr0[1] : dr0[1] + dr],
+            "dispatch-records": p[0, :nrec],
+            "dispatch-rows": p[0, nrec:ds],
+            "dispatch-layout": recv[:1],
+            "dispatch-recv": recv[1:],
             "combine-send": p[2, :cs],
             "combine-recv": p[cr0[0], cr0[1] : cr0[1] + cr],
         }
@@ -554,7 +570,8 @@ class TritonAllToAll:
                 self.starts,
                 self.expert_padding,
             )
-        n_send, n_recv = 2 * self.nc * R, 1 + R * self.rc  # + the layout program
+        # records programs, rows programs, then the layout program and the receive programs
+        n_send, n_recv = (1 + self.rows_split) * self.nc * R, 1 + R * self.rc
         if self.fused_disp and do_send and do_recv:
             # One launch: send programs, then receive programs (dispatch_kernels.py).
             halves = [(True, True, n_send + n_recv, 0)]
@@ -574,6 +591,7 @@ class TritonAllToAll:
                 **self._offs(),
                 T_MAX=self.max_num_tokens,
                 W=self.words,
+                WCH=self.rows_chunk,
                 ROW_WORDS=self.row_words,
                 S=self.hidden_dim_scale,
                 HAS_SCALE=self.has_scale,
@@ -585,6 +603,7 @@ class TritonAllToAll:
                 R_PAD=self.r_pad,
                 BT=self.bt,
                 NC=self.nc,
+                RS=self.rows_split,
                 FB=self.fb,
                 LB=self.lb,
                 RB=self.rb,

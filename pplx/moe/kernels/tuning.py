@@ -13,6 +13,8 @@ how the benchmark's `--variant NAME:KEY=VAL` times variants side by side in one 
 | tiles             | PPLX_MOE_TILES=bt,rb,cb,tb[,cap] | tokens per program: dispatch send, |
 |                   |                          | dispatch recv, combine send, combine recv; |
 |                   |                          | cap: elements per row tile                |
+| rows_split        | PPLX_MOE_ROWS_SPLIT=N    | dispatch rows programs per (chunk, dest), |
+|                   |                          | each with its part of the row             |
 | comb_block_h      | PPLX_MOE_COMB_BH=N       | columns per combine-send tile             |
 | comb_block_h_recv | PPLX_MOE_COMB_BHR=N      | columns per combine-receive tile          |
 | comb_split_h      | PPLX_MOE_COMB_HS=N       | combine programs per token block along H  |
@@ -36,6 +38,7 @@ _ENV = {
     "sync": "SYNC",
     "max_spin": "MAX_SPIN",
     "tiles": "TILES",
+    "rows_split": "ROWS_SPLIT",
     "comb_block_h": "COMB_BH",
     "comb_block_h_recv": "COMB_BHR",
     "comb_split_h": "COMB_HS",
@@ -55,6 +58,7 @@ class Tuning:
     sync: str | None = None
     max_spin: int | None = None
     tiles: tuple[int, ...] | None = None
+    rows_split: int | None = None
     comb_block_h: int | None = None
     comb_block_h_recv: int | None = None
     comb_split_h: int | None = None
