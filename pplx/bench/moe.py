@@ -149,6 +149,9 @@ def _bench_triton(
     for _ in range(2):  # compile + warm
         disp()
         comb()
+    if not _check_against_reference(at, shape, rank, world_size, device, group, label):
+        at.destroy()
+        return None
     if timer.cuda and timer.graphs:
         torch.cuda.synchronize(device)
         graphs = {}
@@ -193,6 +196,46 @@ def _bench_triton(
     at.check()
     at.destroy()
     return samples
+
+
+# Largest T whose reference the benchmark computes on the CPU before timing (decode sizes;
+# prefill's reference would take minutes and tens of GB per process).
+_CHECK_MAX_TOKENS = 512
+
+
+def _check_against_reference(at, shape, rank, world_size, device, group, label) -> bool:
+    """One round with fresh inputs checked against `pplx.moe.reference` (dispatch
+    bit-exact, combine within the bound), whole and in halves (do_send / do_recv), so that
+    no variant is timed unless it is right. False (on every rank) if any rank's check
+    failed; the failing ranks print why."""
+    from pplx.moe import testing as mt
+
+    if shape.tokens > _CHECK_MAX_TOKENS:
+        if rank == 0:
+            print(f"# {label}: not checked against the reference (T > {_CHECK_MAX_TOKENS})")
+        return True
+    errors: list[str] = []
+    for split in (False, True):
+        case = mt.Case(
+            f"bench {label} {shape.name}{' split' if split else ''}",
+            shape.tokens,
+            shape.hidden,
+            shape.experts,
+            shape.topk,
+            FP8,
+            split=split,
+        )
+        mt.run_case(at, case, 11 + split, rank, world_size, device, errors=errors)
+    err = "; ".join(errors)
+    bad = torch.tensor([1.0 if err else 0.0], device=device)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
+    if err:
+        print(f"# {label}: WRONG on rank {rank}, not timed: {err[:400]}")
+    elif rank == 0:
+        state = "WRONG on another rank, not timed" if bad.item() else "checked against the "
+        state += "" if bad.item() else "reference (dispatch bit-exact, combine in bound)"
+        print(f"# {label}: {state}")
+    return not bad.item()
 
 
 def _kernel_spans(run, timer, at) -> dict[str, list[float]]:
@@ -369,7 +412,10 @@ def _peer_copy_gbps(rank, world_size, device, iters: int) -> float:
 # ------------------------------------------------------------------------------- driver
 
 
-def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> list[Row] | None:
+def _rank_main(
+    rank: int, world_size: int, args: argparse.Namespace
+) -> tuple[list[Row], list[str]] | None:
+    """One rank's run; rank 0 returns the rows and the variants that failed the check."""
     device = rank_device(rank, args.cpu)
     cuda = device.type == "cuda"
     group = None
@@ -386,6 +432,7 @@ def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> list[Row
     dist.all_reduce(gb, op=dist.ReduceOp.MIN)  # the slowest link bounds the all-to-all
     gbps = float(gb.item())
     rows: list[Row] = []
+    wrong: list[str] = []  # implementations / variants that failed the reference check
     impls = ["triton", "baseline", "payload"] + ([] if cuda else ["torch"])
     impls = [i for i in impls if i in args.impls]
     for shape in _shapes(args.quick, args.cases):
@@ -425,10 +472,16 @@ def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> list[Row
                         tuning=Tuning.from_env({**os.environ, **env}),
                         label=f"triton-{name}",
                     )
-                    results[f"triton-{name}"] = slowest(s, group)
+                    if s is None:
+                        wrong.append(f"{shape.name} triton-{name}")
+                    else:
+                        results[f"triton-{name}"] = slowest(s, group)
                 continue
             s = bench[impl](shape, rank, world_size, device, group, args.iters, args.warmup, timer)
-            results[impl] = slowest(s, group)
+            if s is None:
+                wrong.append(f"{shape.name} {impl}")
+            else:
+                results[impl] = slowest(s, group)
         if rank != 0:
             continue
         base = results.get("baseline", {})
@@ -515,7 +568,7 @@ def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> list[Row
                     **common,
                 )
             )
-    return rows if rank == 0 else None
+    return (rows, wrong) if rank == 0 else None
 
 
 def _spawned(rank: int, world_size: int, args: argparse.Namespace):
@@ -614,13 +667,18 @@ def main(argv: list[str] | None = None) -> int:
     backend = "gloo" if args.cpu else "nccl"
     if args.ranks is None and "RANK" in os.environ:
         dist.init_process_group(backend)
-        rows = _rank_main(dist.get_rank(), dist.get_world_size(), args)
+        res = _rank_main(dist.get_rank(), dist.get_world_size(), args)
         dist.destroy_process_group()
     else:
         from pplx.moe import testing as mt
 
         world_size = args.ranks or (torch.cuda.device_count() if not args.cpu else 2)
-        rows = mt.spawn(_spawned, world_size, (args,), timeout_s=1800.0, backend=backend)[0]
-    if rows is not None:
-        emit(rows, args.csv or None)
+        res = mt.spawn(_spawned, world_size, (args,), timeout_s=1800.0, backend=backend)[0]
+    if res is None:  # a torchrun rank other than 0
+        return 0
+    rows, wrong = res
+    emit(rows, args.csv or None)
+    if wrong:
+        print(f"# failed the reference check (no rows): {', '.join(wrong)}")
+        return 1
     return 0

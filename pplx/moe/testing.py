@@ -4,6 +4,8 @@
   seeded generator and never all zeros;
 - `poison_` to fill outputs before a run so that unwritten elements show;
 - comparisons that print the first bad index, both values and the mismatch count;
+- `Case` / `run_case`: one checked round of any backend with the TritonAllToAll API
+  (dispatch bit-exact, combine within `combine_tolerance`), for tests and benchmarks;
 - `spawn` (from `pplx.spawn`): run a function on R processes joined by a process group over
   a free local port, with a timeout, turning a child's exception into an error carrying
   its traceback.
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 
 from pplx.moe import layout as L
+from pplx.moe import reference as ref
 from pplx.spawn import free_port, spawn  # noqa: F401 - re-exported for the MoE tests/benches
 
 FP8 = torch.float8_e4m3fn
@@ -183,12 +186,10 @@ def expect_group(
 ) -> GroupExpectation:
     """Reference dispatch and combine for `rank`, with expert outputs and prior combine
     outputs drawn from `seed` (every rank of a test draws the same ones)."""
-    from pplx.moe import reference as R
-
     bms = [i.bound_m for i in inputs]
     idx = [i.indices for i in inputs]
     ws = [i.weights for i in inputs]
-    want = R.reference_dispatch(
+    want = ref.reference_dispatch(
         [i.x for i in inputs],
         [i.x_scale for i in inputs],
         idx,
@@ -200,7 +201,7 @@ def expect_group(
     g = torch.Generator().manual_seed(seed)
     ys = [random_expert_y(max_recv_tokens, hidden, torch.bfloat16, g) for _ in inputs]
     olds = [random_expert_y(i.x.shape[0], hidden, torch.bfloat16, g) for i in inputs]
-    want_out = R.reference_combine(
+    want_out = ref.reference_combine(
         ys,
         idx,
         ws,
@@ -365,3 +366,179 @@ def run_combine(
         impl.combine(*args, do_send=False, do_recv=True, accumulate=accumulate)
     else:
         impl.combine(*args, accumulate=accumulate)
+
+
+# ---------------------------------------------------------------------------------------
+# One checked round of a backend against the reference (every rank rebuilds every rank's
+# inputs from the seed, runs the backend on its own and compares with the single-process
+# reference: dispatch bit-exact, combine within the bound of combine_kernels.py)
+
+
+@dataclass
+class Case:
+    """One dispatch+combine check; `why` says what the shape exercises."""
+
+    why: str
+    num_tokens: int | list[int]
+    hidden: int
+    num_experts: int
+    topk: int
+    dtype: torch.dtype = torch.bfloat16
+    expert_padding: int = 1
+    bound_ms: list[int] | None = None
+    distinct: bool = True
+    all_to_one: bool = False
+    split: bool = False  # do_send / do_recv halves
+    accumulate: bool = False
+    iters: int = 1
+    index_dtype: torch.dtype = torch.int64
+
+
+def combine_tolerance(slot_rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Elementwise bound for the Triton combine versus the reference.
+
+    A bf16 rounding errs by at most 2^-8 of the magnitude rounded. The Triton result rounds
+    each per-rank partial (together <= 2^-8 * sum_k |w y|) and the total (<= 2^-8 * the
+    same), the reference rounds its total once more: |got - want| <= 3 * 2^-8 * sum_k |w y|.
+    We allow 4 * 2^-8 = 2^-6 (f32 summation error is ~2^-24, negligible)."""
+    mag = (weights[:, :, None].abs().float() * slot_rows.float().abs()).sum(1)
+    return mag * 2.0**-6 + 1e-6
+
+
+def run_case(
+    at,
+    case: Case,
+    seed: int,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    errors: list[str] | None = None,
+) -> None:
+    """Run `case` for `iters` iterations on the backend object `at` (TritonAllToAll API).
+
+    A mismatch raises AssertionError, or, with `errors` given, is appended to it and the
+    round goes on, so that this rank still takes part in every collective step of it
+    (a rank that stopped halfway would leave its peers waiting)."""
+
+    def fail(msg: str) -> None:
+        if errors is None:
+            raise AssertionError(msg)
+        errors.append(msg)
+
+    max_t = at.max_num_tokens
+    for it in range(case.iters):
+        s = seed * 1000 + it
+        ins = random_group_inputs(
+            s,
+            world_size,
+            case.num_tokens,
+            case.hidden,
+            case.num_experts,
+            case.topk,
+            case.dtype,
+            distinct=case.distinct,
+            index_dtype=case.index_dtype,
+            bound_ms=case.bound_ms,
+        )
+        if case.all_to_one:
+            for i in ins:
+                i.indices.fill_(case.num_experts - 1 - (s % case.num_experts))
+        me = ins[rank]
+        xs = [i.x for i in ins]
+        x_scales = [i.x_scale for i in ins] if case.dtype == FP8 else None
+        idx = [i.indices for i in ins]
+        w = [i.weights for i in ins]
+        bms = [i.bound_m for i in ins] if case.bound_ms is not None else None
+        rows = (
+            at.max_recv_tokens
+            if hasattr(at, "max_recv_tokens")
+            else L.max_recv_tokens(
+                max_t, world_size, case.topk, case.num_experts // world_size, case.expert_padding
+            )
+        )
+        want = ref.reference_dispatch(
+            xs, x_scales, idx, w, case.num_experts, case.expert_padding, bms, num_rows=rows
+        )[rank]
+        e_local = case.num_experts // world_size
+        ent = poison_(torch.empty(e_local, dtype=torch.int32, device=device))
+        ex = poison_(torch.empty(rows, case.hidden, dtype=case.dtype, device=device))
+        exs = None
+        if case.dtype == FP8:
+            exs = poison_(
+                torch.empty(
+                    rows, L.hidden_dim_scale(case.hidden), dtype=torch.float32, device=device
+                )
+            )
+        bm = (
+            None
+            if me.bound_m is None
+            else torch.tensor([me.bound_m], dtype=torch.int32, device=device)
+        )
+        args = (
+            ent,
+            ex,
+            exs,
+            me.x.to(device),
+            None if me.x_scale is None else me.x_scale.to(device),
+            me.indices.to(device),
+            me.weights.to(device),
+        )
+        if case.split:
+            at.dispatch(*args, bound_m=bm, do_send=True, do_recv=False)
+            at.dispatch(*args, bound_m=bm, do_send=False, do_recv=True)
+        else:
+            at.dispatch(*args, bound_m=bm)
+        try:
+            assert_dispatch_matches(
+                ent,
+                ex,
+                exs,
+                want,
+                case.expert_padding,
+                name=f"[{case.why}] it{it} rank{rank} dispatch",
+            )
+        except AssertionError as e:
+            fail(str(e))
+
+        # Combine: fresh expert outputs on every rank, at the reference's row positions.
+        g = torch.Generator().manual_seed(s + 7)
+        ys = [random_expert_y(rows, case.hidden, torch.bfloat16, g) for _ in range(world_size)]
+        outs0 = [random_expert_y(i.x.shape[0], case.hidden, torch.bfloat16, g) for i in ins]
+        want_out = ref.reference_combine(
+            ys,
+            idx,
+            w,
+            case.num_experts,
+            case.expert_padding,
+            bms,
+            outs=outs0,
+            accumulate=case.accumulate,
+        )[rank]
+        out = outs0[rank].clone().to(device)
+        cargs = (out, me.indices.to(device), me.weights.to(device), ys[rank].to(device))
+        if case.split:
+            at.combine(*cargs, bound_m=bm, do_send=True, do_recv=False, accumulate=case.accumulate)
+            at.combine(*cargs, bound_m=bm, do_send=False, do_recv=True, accumulate=case.accumulate)
+        else:
+            at.combine(*cargs, bound_m=bm, accumulate=case.accumulate)
+        # Tolerance from the slot rows this rank's tokens gather.
+        _, maps = ref.reference_layout(idx, case.num_experts, case.expert_padding, bms)
+        m = L.live_tokens(me.bound_m, me.x.shape[0])
+        slot = torch.zeros(m, case.topk, case.hidden)
+        for d in range(world_size):
+            sel = maps[rank].dst_rank[:m] == d
+            slot[sel] = ys[d][maps[rank].dst_row[:m][sel]].float()
+        tol = torch.zeros(me.x.shape[0], case.hidden)
+        tol[:m] = combine_tolerance(slot, me.weights[:m])
+        if case.accumulate:
+            tol[:m] += outs0[rank][:m].float().abs() * 2.0**-6
+        got = out.cpu().float()
+        err = (got - want_out.float()).abs()
+        bad = ~(err <= tol)
+        if bool(bad.any()):
+            i = tuple(int(v) for v in bad.nonzero()[0])
+            fail(
+                f"[{case.why}] it{it} rank{rank} combine: {int(bad.sum())} elements outside "
+                f"the bound; first at {i}: got {got[i].item()}, expected "
+                f"{want_out.float()[i].item()}, bound {tol[i].item():.3g}"
+            )

@@ -1,6 +1,6 @@
 """The Triton all-to-all on GPUs (NVLink, torch symmetric memory), against the reference.
 
-Dispatch bit-exact, combine within `test_triton_common.combine_tolerance`, at EP2 and EP4
+Dispatch bit-exact, combine within `pplx.moe.testing.combine_tolerance`, at EP2 and EP4
 (when 4 GPUs exist), decode and prefill-like shapes, hidden 7168 and 2880, and a CUDA graph
 of a whole dispatch + combine step replayed with changing inputs and `bound_m`.
 """
@@ -37,7 +37,7 @@ def _make(world_size: int, **kw):
 
 def _cases_worker(rank: int, world_size: int) -> int:
     torch.cuda.set_device(rank)
-    from test_triton_common import Case, run_case
+    from pplx.moe.testing import Case, run_case
 
     dev = torch.device("cuda", rank)
     done = 0
@@ -106,10 +106,9 @@ def _cases_worker(rank: int, world_size: int) -> int:
 def _graph_worker(rank: int, world_size: int) -> int:
     """Capture dispatch + combine once; replay with new inputs and bound_m each time."""
     torch.cuda.set_device(rank)
-    from test_triton_common import combine_tolerance
-
     from pplx.moe import layout as L
     from pplx.moe import reference as ref
+    from pplx.moe.testing import combine_tolerance
 
     dev = torch.device("cuda", rank)
     T, H, E, K = 128, 7168, 256, 8

@@ -1,6 +1,6 @@
 """The Triton all-to-all on CPU: kernels under Triton's interpreter, ranks as processes,
 buffers in /dev/shm. Dispatch must match `pplx.moe.reference` bit for bit, combine within
-the bound of `test_triton_common.combine_tolerance`.
+the bound of `pplx.moe.testing.combine_tolerance`.
 
 The interpreter is slow (one Python step per op), so shapes are tiny and one spawn runs many
 cases; each TritonAllToAll object serves several cases and iterations, which also checks
@@ -20,7 +20,7 @@ FP8 = torch.float8_e4m3fn
 
 
 def _cases(world_size: int):
-    from test_triton_common import Case
+    from pplx.moe.testing import Case
 
     if world_size == 2:
         return [
@@ -142,10 +142,9 @@ def _cases(world_size: int):
 def _worker(rank: int, world_size: int) -> int:
     # The interpreter must be chosen before any kernel module is imported in this process.
     os.environ["TRITON_INTERPRET"] = "1"
-    from test_triton_common import run_case
-
     from pplx.moe import layout as L
     from pplx.moe.kernels import TritonAllToAll
+    from pplx.moe.testing import run_case
 
     done = 0
     for n, (kw, cases) in enumerate(_cases(world_size)):
@@ -183,9 +182,8 @@ def _worker(rank: int, world_size: int) -> int:
 
 def _check_all_to_all(rank: int, world_size: int) -> None:
     """Through the public `AllToAll(backend="triton")`, which validates then calls us."""
-    from test_triton_common import Case, run_case
-
     from pplx.moe import AllToAll
+    from pplx.moe.testing import Case, run_case
 
     a2a = AllToAll(
         4, 8, 1, 64, None, torch.bfloat16, torch.bfloat16, None, 2, device="cpu", backend="triton"
