@@ -2,8 +2,8 @@
 # Time Triton variants of the intra-node MoE kernels twice on one GPU host, in two
 # processes with the variants in opposite orders (a variant's place in the run shows up
 # as a drift shared by both passes), with the defaults in both; every variant is checked
-# against the reference first (pplx.bench moe). Rows go to $OUT/moe.csv (notes name the
-# pass), logs to $OUT/pass{1,2}.log.
+# against the reference first (pplx.bench moe). Rows go to $OUT/moe.csv (pass 1 first), logs to
+# $OUT/pass{1,2}.log.
 #   usage: OUT=dir [RANKS=4] [CASES=decode] [ITERS=50] bash scripts/device_variants.sh \
 #            'NAME:PPLX_MOE_KEY=VAL ...' ...
 set -uo pipefail
