@@ -38,10 +38,11 @@ import triton
 import triton.language as tl
 
 from pplx.moe.kernels.sync_kernels import (
-    ack_if_last,
+    acker_program,
     column,
     last_program_done,
     peer_ptr,
+    recv_program_done,
     signal_add,
     signal_set,
     stamp,
@@ -173,6 +174,7 @@ def _combine_recv(
     SYNC2: tl.constexpr,
     ASM: tl.constexpr,
     PROF: tl.constexpr,
+    ACKER: tl.constexpr,
 ):
     """Receive program (b, hr): tokens b * TB + [0, TB) of this rank, columns of part hr
     of the hidden dim (HSR parts; the send side has HS = 1 or HSR parts)."""
@@ -211,9 +213,9 @@ def _combine_recv(
         acc = _partials_sum(
             area, send_pos_ptr, t, t_ok, ho, h_ok, T_MAX, COMB_STRIDE, R, TB, BLOCK_H
         )
-        ack_if_last(
+        recv_program_done(
             state_ptr + 3, NB * HSR, state_ptr + 1, epoch, table_ptr, off_comb_ack, rank, R,
-            R_PAD, SYNC2,
+            R_PAD, SYNC2, ACKER,
         )  # fmt: skip
         _store_out(out_ptr, stride_ot, t, t_ok, ho, h_ok, acc, ACCUMULATE, OUT_DTYPE)
         stamp(prof_ptr, 2, PROF)
@@ -226,9 +228,9 @@ def _combine_recv(
             )
             _store_out(out_ptr, stride_ot, t, t_ok, ho, h_ok, acc, ACCUMULATE, OUT_DTYPE)
         stamp(prof_ptr, 2, PROF)
-        ack_if_last(
+        recv_program_done(
             state_ptr + 3, NB * HSR, state_ptr + 1, epoch, table_ptr, off_comb_ack, rank, R,
-            R_PAD, SYNC2,
+            R_PAD, SYNC2, ACKER,
         )  # fmt: skip
     stamp(prof_ptr, 3, PROF)
 
@@ -307,14 +309,15 @@ def _combine_kernel(
     SYNC2: tl.constexpr,
     ASM: tl.constexpr,
     PROF: tl.constexpr,
+    ACKER: tl.constexpr,
     DO_SEND: tl.constexpr,
     DO_RECV: tl.constexpr,
 ):
-    """Grid (R * CC * HS if DO_SEND) + (NB * HSR if DO_RECV): the send programs (s, cc, hs)
-    first, then
-    the receive programs; with both, one launch does the whole combine (same forward-
-    progress argument as `_dispatch_kernel`: receive programs only wait for programs of
-    lower index, here and on the peers)."""
+    """Grid (R * CC * HS if DO_SEND) + (NB * HSR + ACKER if DO_RECV): the send programs
+    (s, cc, hs) first, then the receive programs, then with ACKER the acker program; with
+    both halves, one launch does the whole combine (same forward-progress argument as
+    `_dispatch_kernel`: a program only waits for programs of lower index, here and on the
+    peers)."""
     pid = tl.program_id(0)
     n_send = R * CC * HS if DO_SEND else 0  # constexpr: a half not asked for is not compiled
     if DO_SEND:
@@ -353,7 +356,7 @@ def _combine_kernel(
             )
     if DO_RECV:
         q = pid - n_send
-        if q >= 0:
+        if (q >= 0) & (q < NB * HSR):
             _combine_recv(
                 q // HSR,
                 q % HSR,
@@ -389,4 +392,13 @@ def _combine_kernel(
                 SYNC2,
                 ASM,
                 PROF,
+                ACKER,
             )
+        if ACKER:
+            if q == NB * HSR:
+                stamp(prof_ptr + pid * 8, 0, PROF)
+                acker_program(
+                    state_ptr + 3, NB * HSR, state_ptr + 1, table_ptr, off_comb_ack, rank,
+                    state_ptr + 4, R, R_PAD, SYNC2, MAX_SPIN, ASM,
+                )  # fmt: skip
+                stamp(prof_ptr + pid * 8, 1, PROF)

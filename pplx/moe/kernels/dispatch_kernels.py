@@ -34,10 +34,12 @@ over experts) and fans the row out to the K' rows of `expert_x` it needs.
      for the layout, poll its tagged records, place each slot at `start[s, c, e] + q`, keep
      the row map and weights for combine; then wait for flag (s, c) only (the layout was
      computed while rows were in flight) and fan the rows out (each slot's K target rows
-     come from the [RB, K] tile in registers). The last program of the launch acks the
-     sources; when a row is one tile (ONE_TILE_RECV, decode) a program counts itself done
-     right after loading its rows and scales, before the fan-out stores, so that ack does
-     not wait behind them.
+     come from the [RB, K] tile in registers). Every receive-side program counts itself
+     done once it has read what it needs of the receive buffer (ONE_TILE_RECV, decode:
+     right after loading its rows and scales, before the fan-out stores); then the sources
+     are acked: by the last program to count, or with ACKER (`Tuning.acker`) by an acker
+     program at the end of the grid that waits for the count, so that no receive program
+     carries the ack's round trip before its own stores.
 
 No host synchronisation; `bound_m` is read on the device; grids depend only on T_MAX, so
 the whole dispatch can be captured in a CUDA graph.
@@ -49,10 +51,11 @@ import triton
 import triton.language as tl
 
 from pplx.moe.kernels.sync_kernels import (
-    ack_if_last,
+    acker_program,
     column,
     last_program_done,
     peer_ptr,
+    recv_program_done,
     signal_add,
     signal_set,
     stamp,
@@ -262,6 +265,7 @@ def _dispatch_layout(
     SYNC2: tl.constexpr,
     ASM: tl.constexpr,
     PROF: tl.constexpr,
+    ACKER: tl.constexpr,
 ):
     """The layout program (one per receive launch): wait for the tagged counts of every
     (source, chunk), then publish where each (source, chunk)'s slots of local expert e
@@ -304,7 +308,7 @@ def _dispatch_layout(
     tl.debug_barrier()
     tl.atomic_xchg(state_ptr + 9, epoch + 1, sem="release", scope="gpu")
     stamp(prof_ptr, 2, PROF)
-    _recv_done(table_ptr, state_ptr, rank, off_disp_ack, epoch, R, R_PAD, RC, SYNC2)
+    _recv_done(table_ptr, state_ptr, rank, off_disp_ack, epoch, R, R_PAD, RC, SYNC2, ACKER)
 
 
 @triton.jit
@@ -318,12 +322,15 @@ def _recv_done(
     R_PAD: tl.constexpr,
     RC: tl.constexpr,
     SYNC2: tl.constexpr,
+    ACKER: tl.constexpr,
 ):
-    """End of a receive-side program (R * RC receive programs + the layout program): the
-    last to finish has seen every program's reads: ack all sources, next epoch."""
-    ack_if_last(
-        state_ptr + 2, R * RC + 1, state_ptr, epoch, table_ptr, off_disp_ack, rank, R, R_PAD, SYNC2
-    )
+    """A receive-side program (R * RC receive programs + the layout program) has read all
+    it needs of the receive buffer: count it; once all have, the sources are acked (by the
+    acker program with ACKER, else by the last to count) and the epoch moves on."""
+    recv_program_done(
+        state_ptr + 2, R * RC + 1, state_ptr, epoch, table_ptr, off_disp_ack, rank, R, R_PAD,
+        SYNC2, ACKER,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -372,6 +379,7 @@ def _dispatch_recv(
     ASM: tl.constexpr,
     PROF: tl.constexpr,
     ONE_TILE_RECV: tl.constexpr,
+    ACKER: tl.constexpr,
 ):
     """Receive program (s, rc): token slots rc * RB + [0, RB) of source s (chunk c)."""
     stamp(prof_ptr, 0, PROF)
@@ -435,7 +443,7 @@ def _dispatch_recv(
         v = tl.load(src + wo[None, :], mask=hit[:, None] & w_ok, cache_modifier=".cg")
         if HAS_SCALE:
             sv = tl.load(ssrc + so[None, :], mask=hit[:, None] & s_ok, cache_modifier=".cg")
-        _recv_done(table_ptr, state_ptr, rank, off_disp_ack, epoch, R, R_PAD, RC, SYNC2)
+        _recv_done(table_ptr, state_ptr, rank, off_disp_ack, epoch, R, R_PAD, RC, SYNC2, ACKER)
         stamp(prof_ptr, 6, PROF)  # loads complete (the done count's release waited for them)
         for k in tl.static_range(K):
             row_k = column(row, kk, k)  # [RB]
@@ -461,7 +469,7 @@ def _dispatch_recv(
                 sdst = expert_xs_ptr + row_k[:, None] * stride_sr + so[None, :]
                 tl.store(sdst, sv, mask=(row_k >= 0)[:, None] & s_ok)
         stamp(prof_ptr, 4, PROF)
-        _recv_done(table_ptr, state_ptr, rank, off_disp_ack, epoch, R, R_PAD, RC, SYNC2)
+        _recv_done(table_ptr, state_ptr, rank, off_disp_ack, epoch, R, R_PAD, RC, SYNC2, ACKER)
     stamp(prof_ptr, 5, PROF)
 
 
@@ -530,13 +538,14 @@ def _dispatch_kernel(
     PROF: tl.constexpr,
     ONE_TILE: tl.constexpr,
     ONE_TILE_RECV: tl.constexpr,
+    ACKER: tl.constexpr,
     DO_SEND: tl.constexpr,
     DO_RECV: tl.constexpr,
 ):
-    """Grid ((1 + RS) * NC * R if DO_SEND) + (1 + R * RC if DO_RECV): the send programs
-    first (records programs (c, d), then RS rows programs (c, d) per pair, part-major),
-    then the layout program and the receive programs (s, rc); with both, one launch does
-    the whole dispatch.
+    """Grid ((1 + RS) * NC * R if DO_SEND) + (1 + R * RC + ACKER if DO_RECV): the send
+    programs first (records programs (c, d), then RS rows programs (c, d) per pair,
+    part-major), then the layout program, the receive programs (s, rc) and with ACKER the
+    acker program; with both halves, one launch does the whole dispatch.
 
     Warning: with DO_SEND and DO_RECV a receive program spins until send programs of this
     launch (its own rank's chunks to itself) have signalled. That relies on the blocks of
@@ -625,8 +634,9 @@ def _dispatch_kernel(
                 SYNC2,
                 ASM,
                 PROF,
+                ACKER,
             )
-        if q > 0:
+        if (q > 0) & (q <= R * RC):
             _dispatch_recv(
                 (q - 1) % R,
                 (q - 1) // R,
@@ -671,4 +681,13 @@ def _dispatch_kernel(
                 ASM,
                 PROF,
                 ONE_TILE_RECV,
+                ACKER,
             )
+        if ACKER:
+            if q == 1 + R * RC:
+                stamp(prof_ptr + pid * 8, 0, PROF)
+                acker_program(
+                    state_ptr + 2, R * RC + 1, state_ptr, table_ptr, off_disp_ack, rank,
+                    state_ptr + 4, R, R_PAD, SYNC2, MAX_SPIN, ASM,
+                )  # fmt: skip
+                stamp(prof_ptr + pid * 8, 1, PROF)

@@ -213,13 +213,74 @@ def ack_if_last(
     program's reads, so it acks every source (`ack[rank] = epoch + 1` in each peer's buffer
     at `off_ack`) and moves this rank's epoch (`*epoch_ptr`) on."""
     if last_program_done(done_ptr, num_programs):
-        if SYNC2:
-            ack_peers(table_ptr, off_ack, rank, epoch + 1, R, R_PAD)
-        else:
-            for peer in range(R):
-                ack = peer_ptr(table_ptr, peer, off_ack, tl.int32) + rank
-                tl.atomic_xchg(ack, epoch + 1, sem="release", scope="sys")
-        tl.store(epoch_ptr, epoch + 1)
+        _ack_sources(epoch_ptr, epoch, table_ptr, off_ack, rank, R, R_PAD, SYNC2)
+
+
+@triton.jit
+def _ack_sources(
+    epoch_ptr, epoch, table_ptr, off_ack, rank, R: tl.constexpr, R_PAD: tl.constexpr,
+    SYNC2: tl.constexpr,
+):  # fmt: skip
+    if SYNC2:
+        ack_peers(table_ptr, off_ack, rank, epoch + 1, R, R_PAD)
+    else:
+        for peer in range(R):
+            ack = peer_ptr(table_ptr, peer, off_ack, tl.int32) + rank
+            tl.atomic_xchg(ack, epoch + 1, sem="release", scope="sys")
+    tl.store(epoch_ptr, epoch + 1)
+
+
+@triton.jit
+def recv_program_done(
+    done_ptr,
+    num_programs,
+    epoch_ptr,
+    epoch,
+    table_ptr,
+    off_ack,
+    rank,
+    R: tl.constexpr,
+    R_PAD: tl.constexpr,
+    SYNC2: tl.constexpr,
+    ACKER: tl.constexpr,
+):
+    """A receive-side program has read everything it needs from the receive buffer. With
+    ACKER it adds 1 to the done counter (release; the result is not awaited, so its stores
+    go on at once) and the launch's acker program acks the sources; without, the last
+    program to finish acks them itself (`ack_if_last`: the done count's round trip and the
+    ack's system-scope release sit in that program, before its stores)."""
+    if ACKER:
+        tl.debug_barrier()  # every thread's reads come before the one thread's add
+        tl.atomic_add(done_ptr, 1, sem="release", scope="gpu")
+    else:
+        ack_if_last(done_ptr, num_programs, epoch_ptr, epoch, table_ptr, off_ack, rank, R, R_PAD,
+                    SYNC2)  # fmt: skip
+
+
+@triton.jit
+def acker_program(
+    done_ptr,
+    num_programs,
+    epoch_ptr,
+    table_ptr,
+    off_ack,
+    rank,
+    err_ptr,
+    R: tl.constexpr,
+    R_PAD: tl.constexpr,
+    SYNC2: tl.constexpr,
+    MAX_SPIN: tl.constexpr,
+    ASM: tl.constexpr,
+):
+    """The last program of a receive launch with ACKER: wait until the `num_programs`
+    receive programs of this call have counted themselves done (the counter only grows:
+    `(epoch + 1) * num_programs`; acquire), then ack every source and move the epoch on.
+    Last in the grid, so the interpreter (programs in index order) finds every count in."""
+    epoch = tl.load(epoch_ptr)
+    # The whole receive phase passes during this wait (the receive programs' own waits are
+    # bounded by MAX_SPIN each): a wider bound, so the acker never gives up first.
+    wait_one_ge(done_ptr, (epoch + 1) * num_programs, err_ptr, 4 * MAX_SPIN, ASM)
+    _ack_sources(epoch_ptr, epoch, table_ptr, off_ack, rank, R, R_PAD, SYNC2)
 
 
 @triton.jit

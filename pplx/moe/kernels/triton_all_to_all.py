@@ -211,6 +211,9 @@ class TritonAllToAll:
             fused = tun.fused
         self.fused_disp = decode if fused is None else bool(fused)
         self.fused_comb = decode if fused is None else bool(fused)
+        # Sources acked by a program of its own once every receive program has counted
+        # itself done (1), or by the last receive program to count (0).
+        self.acker = int(bool(tun.acker)) if tun.acker is not None else 0
         # Clock stamps need PTX (`%globaltimer`): CUDA only.
         self.prof_on = tun.prof and self.device.type == "cuda"
         sync = sync if sync is not None else (tun.sync or "v2")
@@ -405,8 +408,8 @@ class TritonAllToAll:
         # Profiling (PPLX_MOE_PROF=1, CUDA): `[4, programs, 8]` int64 GPU clock stamps per
         # program of the launches dispatch send (or fused dispatch), dispatch recv,
         # combine send (or fused combine), combine recv; see `profile()`.
-        n_disp = (1 + self.rows_split) * self.nc * R + 1 + R * self.rc
-        n_prog = max(n_disp, R * self.cc * self.hs + self.nb * self.hsr)
+        n_disp = (1 + self.rows_split) * self.nc * R + 1 + R * self.rc + self.acker
+        n_prog = max(n_disp, R * self.cc * self.hs + self.nb * self.hsr + self.acker)
         self.prof = torch.zeros(4, n_prog if self.prof_on else 1, 8, dtype=torch.int64, device=dev)
         self.send_pos = torch.full((T, R), -1, **i32)
         # Dispatch layout: row of expert_x where each (source, chunk)'s slots of local
@@ -478,19 +481,24 @@ class TritonAllToAll:
         R = self.world_size
         nrec = self.nc * R  # records programs, then rows programs
         ds, dr = (1 + self.rows_split) * nrec, 1 + R * self.rc
-        cs, cr = R * self.cc * self.hs, self.nb * self.hsr
+        cs, cr = R * self.cc * self.hs, self.nb * self.hsr + self.acker
         # A fused launch wrote both halves into one slot, send programs first.
         dr0 = (0, ds) if self.fused_disp else (1, 0)
         cr0 = (2, cs) if self.fused_comb else (3, 0)
-        recv = p[dr0[0], dr0[1] : dr0[1] + dr]  # the layout program first
-        return {
+        recv = p[dr0[0], dr0[1] : dr0[1] + dr + self.acker]  # the layout program first
+        crecv = p[cr0[0], cr0[1] : cr0[1] + cr]
+        parts = {
             "dispatch-records": p[0, :nrec],
             "dispatch-rows": p[0, nrec:ds],
             "dispatch-layout": recv[:1],
-            "dispatch-recv": recv[1:],
+            "dispatch-recv": recv[1:dr],
             "combine-send": p[2, :cs],
-            "combine-recv": p[cr0[0], cr0[1] : cr0[1] + cr],
+            "combine-recv": crecv[: cr - self.acker],
         }
+        if self.acker:
+            parts["dispatch-acker"] = recv[dr:]
+            parts["combine-acker"] = crecv[cr - 1 :]
+        return parts
 
     def _after_launch(self) -> None:
         if self.device.type == "cpu":
@@ -570,8 +578,9 @@ class TritonAllToAll:
                 self.starts,
                 self.expert_padding,
             )
-        # records programs, rows programs, then the layout program and the receive programs
-        n_send, n_recv = (1 + self.rows_split) * self.nc * R, 1 + R * self.rc
+        # records programs, rows programs, then the layout program, the receive programs and
+        # the acker program (with acker)
+        n_send, n_recv = (1 + self.rows_split) * self.nc * R, 1 + R * self.rc + self.acker
         if self.fused_disp and do_send and do_recv:
             # One launch: send programs, then receive programs (dispatch_kernels.py).
             halves = [(True, True, n_send + n_recv, 0)]
@@ -618,6 +627,7 @@ class TritonAllToAll:
                 PROF=self.prof_on,
                 ONE_TILE=self.one_tile,
                 ONE_TILE_RECV=self.one_tile_recv,
+                ACKER=self.acker,
                 DO_SEND=snd,
                 DO_RECV=rcv,
                 num_warps=self.num_warps,
@@ -665,7 +675,7 @@ class TritonAllToAll:
                 self._bound(bound_m),
                 out_tokens.shape[0],
             )
-        n_send, n_recv = R * self.cc * self.hs, self.nb * self.hsr
+        n_send, n_recv = R * self.cc * self.hs, self.nb * self.hsr + self.acker
         if self.fused_comb and do_send and do_recv:
             halves = [(True, True, n_send + n_recv, 2)]
         else:
@@ -708,6 +718,7 @@ class TritonAllToAll:
                 SYNC2=self.sync == "v2",
                 ASM=self.asm,
                 PROF=self.prof_on,
+                ACKER=self.acker,
                 DO_SEND=snd,
                 DO_RECV=rcv,
                 num_warps=self.num_warps_comb if snd else self.num_warps_comb_recv,
