@@ -76,11 +76,12 @@ def _cases(world_size: int):
                     fused=True,  # one launch per phase: send programs, then receive ones
                     # combine split in 3 parts along H: 128 + 128 + an empty one; rows
                     # sent by 3 programs per (chunk, destination): 12 + 12 + 8 words, the
-                    # scales with the last; sources acked by an acker program
+                    # scales with the last; sources acked by the last receive program
+                    # to finish (no acker program)
                     env={
                         "PPLX_MOE_COMB_HS": "3",
                         "PPLX_MOE_ROWS_SPLIT": "3",
-                        "PPLX_MOE_ACKER": "1",
+                        "PPLX_MOE_ACKER": "0",
                     },
                 ),
                 [
@@ -98,8 +99,8 @@ def _cases(world_size: int):
                     in_dtype=torch.bfloat16,
                     num_experts_per_token=4,
                     sync="v1",  # the previous signalling protocol stays covered
-                    # its counters with 2 rows programs, its acks from an acker program
-                    env={"PPLX_MOE_ROWS_SPLIT": "2", "PPLX_MOE_ACKER": "1"},
+                    # its counters with 2 rows programs, its acks from the last program
+                    env={"PPLX_MOE_ROWS_SPLIT": "2", "PPLX_MOE_ACKER": "0"},
                 ),
                 [Case("K == E (every token to every expert), sync v1", 4, 32, 4, 4)],
             ),
@@ -136,11 +137,8 @@ def _cases(world_size: int):
                 # receive programs of 2 slots inside send chunks of 4 tokens; combine
                 # receive split in 2 parts along H (128 + 128, 4 tiles each), its send
                 # side not split; receive launches of their own, each with its acker
-                env={
-                    "PPLX_MOE_TILES": "4,2,2,2,32",
-                    "PPLX_MOE_COMB_RHS": "2",
-                    "PPLX_MOE_ACKER": "1",
-                },
+                # program (the default)
+                env={"PPLX_MOE_TILES": "4,2,2,2,32", "PPLX_MOE_COMB_RHS": "2"},
                 expect_one_tile=False,
             ),
             [Case("3 ranks fp8, padding 16, split", 4, 256, 6, 4, FP8, 16, split=True)],
@@ -178,7 +176,7 @@ def _worker(rank: int, world_size: int) -> int:
         assert at.one_tile == one_tile, (at.one_tile, at.block_w_send, at.words)
         # Rows programs per (chunk, destination) as asked (each part of the row moved once).
         assert at.rows_split == int(env.get("PPLX_MOE_ROWS_SPLIT", 1)), at.rows_split
-        assert at.acker == int(env.get("PPLX_MOE_ACKER", at.acker)), at.acker
+        assert at.acker == int(env.get("PPLX_MOE_ACKER", 1)), at.acker
         for i, case in enumerate(cases):
             run_case(at, case, 100 * n + i, rank, world_size, torch.device("cpu"))
             done += 1

@@ -11,6 +11,10 @@ wrapping difference `(value - target) >= 0`, so counters may overflow int32.
 Buffer reuse: after a receive has read everything a peer sent, it stores `epoch + 1` into
 that peer's `ack[me]`; the next send to that peer first waits for `ack >= epoch`. So a
 sender never overwrites data the receiver has not consumed, whatever runs in between.
+"Has read everything": each receive-side program adds 1 to a done counter (release) once
+its reads of the receive buffer are over; an acker program at the end of the grid waits
+for the count (acquire), then acks (`recv_program_done` / `acker_program`; or, with
+`Tuning.acker` off, the last program to count acks itself: `ack_if_last`).
 
 Two protocols (`SYNC2` constexpr of the kernels; `TritonAllToAll(sync=...)`):
 - "v1": one counter per source (`flag[src]`), every sender program adds 1 to it (remote
