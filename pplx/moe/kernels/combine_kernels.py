@@ -310,7 +310,6 @@ def _combine_kernel(
     ASM: tl.constexpr,
     PROF: tl.constexpr,
     ACKER: tl.constexpr,
-    ACK_STORE: tl.constexpr,
     DO_SEND: tl.constexpr,
     DO_RECV: tl.constexpr,
 ):
@@ -400,6 +399,6 @@ def _combine_kernel(
                 stamp(prof_ptr + pid * 8, 0, PROF)
                 acker_program(
                     state_ptr + 3, NB * HSR, state_ptr + 1, table_ptr, off_comb_ack, rank,
-                    state_ptr + 4, R, R_PAD, SYNC2, MAX_SPIN, ASM, ACK_STORE,
+                    state_ptr + 4, R, R_PAD, SYNC2, MAX_SPIN, ASM,
                 )  # fmt: skip
                 stamp(prof_ptr + pid * 8, 1, PROF)

@@ -539,7 +539,6 @@ def _dispatch_kernel(
     ONE_TILE: tl.constexpr,
     ONE_TILE_RECV: tl.constexpr,
     ACKER: tl.constexpr,
-    ACK_STORE: tl.constexpr,
     DO_SEND: tl.constexpr,
     DO_RECV: tl.constexpr,
 ):
@@ -689,6 +688,6 @@ def _dispatch_kernel(
                 stamp(prof_ptr + pid * 8, 0, PROF)
                 acker_program(
                     state_ptr + 2, R * RC + 1, state_ptr, table_ptr, off_disp_ack, rank,
-                    state_ptr + 4, R, R_PAD, SYNC2, MAX_SPIN, ASM, ACK_STORE,
+                    state_ptr + 4, R, R_PAD, SYNC2, MAX_SPIN, ASM,
                 )  # fmt: skip
                 stamp(prof_ptr + pid * 8, 1, PROF)

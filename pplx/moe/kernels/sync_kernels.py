@@ -275,7 +275,6 @@ def acker_program(
     SYNC2: tl.constexpr,
     MAX_SPIN: tl.constexpr,
     ASM: tl.constexpr,
-    ACK_STORE: tl.constexpr,
 ):
     """The last program of a receive launch with ACKER: wait until the `num_programs`
     receive programs of this call have counted themselves done (the counter only grows:
@@ -284,44 +283,8 @@ def acker_program(
     epoch = tl.load(epoch_ptr)
     # The whole receive phase passes during this wait (the receive programs' own waits are
     # bounded by MAX_SPIN each): a wider bound, so the acker never gives up first.
-    target = (epoch + 1) * num_programs
-    if ACK_STORE and ASM and SYNC2:
-        # The counter is this GPU's own: polled at gpu scope (cheaper than .sys); the acks
-        # are plain release stores, one lane per peer (no atomic's round trip to wait for).
-        v = _ld_acquire_gpu(done_ptr)
-        i = 0
-        while ((v - target) < 0) & (i < 4 * MAX_SPIN):
-            v = _ld_acquire_gpu(done_ptr)
-            i += 1
-        if (v - target) < 0:
-            tl.atomic_xchg(err_ptr, 1)
-        rr = tl.arange(0, R_PAD)
-        # Lanes past R store into rank 0's slot too: the same value, twice.
-        base = tl.multiple_of(tl.load(table_ptr + tl.where(rr < R, rr, 0)), 16)
-        ptrs = (base + off_ack).to(tl.pointer_type(tl.int32)) + rank
-        _st_release_sys(ptrs, tl.zeros([R_PAD], tl.int32) + epoch + 1)
-        tl.store(epoch_ptr, epoch + 1)
-    else:
-        wait_one_ge(done_ptr, target, err_ptr, 4 * MAX_SPIN, ASM)
-        _ack_sources(epoch_ptr, epoch, table_ptr, off_ack, rank, R, R_PAD, SYNC2)
-
-
-@triton.jit
-def _ld_acquire_gpu(ptr):
-    """Acquire load (gpu scope) of one int32 (CUDA only)."""
-    return tl.inline_asm_elementwise(
-        "ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32, is_pure=False,
-        pack=1,
-    )  # fmt: skip
-
-
-@triton.jit
-def _st_release_sys(ptrs, vals):
-    """Elementwise release store (system scope) of int32 `vals` at `ptrs` (CUDA only)."""
-    tl.inline_asm_elementwise(
-        "st.release.sys.global.b32 [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r", [ptrs, vals],
-        dtype=tl.int32, is_pure=False, pack=1,
-    )  # fmt: skip
+    wait_one_ge(done_ptr, (epoch + 1) * num_programs, err_ptr, 4 * MAX_SPIN, ASM)
+    _ack_sources(epoch_ptr, epoch, table_ptr, off_ack, rank, R, R_PAD, SYNC2)
 
 
 @triton.jit

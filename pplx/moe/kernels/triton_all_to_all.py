@@ -218,9 +218,6 @@ class TritonAllToAll:
         # prefill EP4 dispatch 627 / 629 vs 636 / 631. The last program's ack had taken
         # ~2.5 us before its own fan-out, and that program ended the kernel.
         self.acker = int(bool(tun.acker)) if tun.acker is not None else 1
-        # The acker polls its counter at gpu scope and acks with release stores instead of
-        # atomics (CUDA, v2 signalling; the interpreter keeps the atomics).
-        self.ack_store = bool(tun.ack_store) if tun.ack_store is not None else False
         # Clock stamps need PTX (`%globaltimer`): CUDA only.
         self.prof_on = tun.prof and self.device.type == "cuda"
         sync = sync if sync is not None else (tun.sync or "v2")
@@ -635,7 +632,6 @@ class TritonAllToAll:
                 ONE_TILE=self.one_tile,
                 ONE_TILE_RECV=self.one_tile_recv,
                 ACKER=self.acker,
-                ACK_STORE=self.ack_store,
                 DO_SEND=snd,
                 DO_RECV=rcv,
                 num_warps=self.num_warps,
@@ -727,7 +723,6 @@ class TritonAllToAll:
                 ASM=self.asm,
                 PROF=self.prof_on,
                 ACKER=self.acker,
-                ACK_STORE=self.ack_store,
                 DO_SEND=snd,
                 DO_RECV=rcv,
                 num_warps=self.num_warps_comb if snd else self.num_warps_comb_recv,
