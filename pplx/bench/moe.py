@@ -19,6 +19,10 @@ Implementations timed in the same run, per phase (dispatch, combine) and per hal
   layout (`floor`) and for the layout the Triton kernels move (`floor-dedup`);
 - `peer-copy`: one-way copy bandwidth to the next rank, all ranks at once (CUDA).
 
+Before any Triton variant is timed, one round of it with fresh inputs is checked against
+`pplx.moe.reference` (decode sizes: dispatch bit-exact, combine within its bound, whole and
+in do_send / do_recv halves); a variant that fails gets no rows and the run exits 1.
+
 Timing: every iteration starts with a barrier (on CUDA an all-reduce followed by a short
 GPU sleep so that all ranks start together and the CPU queues the work ahead), CUDA events
 around each phase; a phase's time is the slowest rank's in that iteration; p50/p20/p80
@@ -232,9 +236,8 @@ def _check_against_reference(at, shape, rank, world_size, device, group, label) 
     if err:
         print(f"# {label}: WRONG on rank {rank}, not timed: {err[:400]}")
     elif rank == 0:
-        state = "WRONG on another rank, not timed" if bad.item() else "checked against the "
-        state += "" if bad.item() else "reference (dispatch bit-exact, combine in bound)"
-        print(f"# {label}: {state}")
+        ok = "checked against the reference (dispatch bit-exact, combine in bound)"
+        print(f"# {label}: " + ("WRONG on another rank, not timed" if bad.item() else ok))
     return not bad.item()
 
 

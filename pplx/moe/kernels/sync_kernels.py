@@ -14,7 +14,7 @@ sender never overwrites data the receiver has not consumed, whatever runs in bet
 "Has read everything": each receive-side program adds 1 to a done counter (release) once
 its reads of the receive buffer are over; an acker program at the end of the grid waits
 for the count (acquire), then acks (`recv_program_done` / `acker_program`; or, with
-`Tuning.acker` off, the last program to count acks itself: `ack_if_last`).
+`Tuning.acker` off, the last program to count acks itself).
 
 Two protocols (`SYNC2` constexpr of the kernels; `TritonAllToAll(sync=...)`):
 - "v1": one counter per source (`flag[src]`), every sender program adds 1 to it (remote
@@ -201,26 +201,6 @@ def ack_peers(table_ptr, byte_off, rank, value, R: tl.constexpr, R_PAD: tl.const
 
 
 @triton.jit
-def ack_if_last(
-    done_ptr,
-    num_programs,
-    epoch_ptr,
-    epoch,
-    table_ptr,
-    off_ack,
-    rank,
-    R: tl.constexpr,
-    R_PAD: tl.constexpr,
-    SYNC2: tl.constexpr,
-):
-    """End of a receive-side program: the last of `num_programs` to finish has seen every
-    program's reads, so it acks every source (`ack[rank] = epoch + 1` in each peer's buffer
-    at `off_ack`) and moves this rank's epoch (`*epoch_ptr`) on."""
-    if last_program_done(done_ptr, num_programs):
-        _ack_sources(epoch_ptr, epoch, table_ptr, off_ack, rank, R, R_PAD, SYNC2)
-
-
-@triton.jit
 def _ack_sources(
     epoch_ptr, epoch, table_ptr, off_ack, rank, R: tl.constexpr, R_PAD: tl.constexpr,
     SYNC2: tl.constexpr,
@@ -250,15 +230,16 @@ def recv_program_done(
 ):
     """A receive-side program has read everything it needs from the receive buffer. With
     ACKER it adds 1 to the done counter (release; the result is not awaited, so its stores
-    go on at once) and the launch's acker program acks the sources; without, the last
-    program to finish acks them itself (`ack_if_last`: the done count's round trip and the
-    ack's system-scope release sit in that program, before its stores)."""
+    go on at once) and the launch's acker program acks the sources; without, the last of
+    `num_programs` to finish has seen every program's reads and acks every source itself
+    (`ack[rank] = epoch + 1` in each peer's buffer at `off_ack`) and moves this rank's
+    epoch (`*epoch_ptr`) on: the done count's round trip and the ack's system-scope release
+    then sit in that program, before its stores."""
     if ACKER:
         tl.debug_barrier()  # every thread's reads come before the one thread's add
         tl.atomic_add(done_ptr, 1, sem="release", scope="gpu")
-    else:
-        ack_if_last(done_ptr, num_programs, epoch_ptr, epoch, table_ptr, off_ack, rank, R, R_PAD,
-                    SYNC2)  # fmt: skip
+    elif last_program_done(done_ptr, num_programs):
+        _ack_sources(epoch_ptr, epoch, table_ptr, off_ack, rank, R, R_PAD, SYNC2)
 
 
 @triton.jit

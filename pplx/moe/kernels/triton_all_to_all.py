@@ -474,8 +474,9 @@ class TritonAllToAll:
         """Clock stamps of the last launches (PPLX_MOE_PROF=1 on CUDA; a host sync).
 
         Returns `{part: [programs, 8] int64}` (parts "dispatch-records", "dispatch-rows",
-        "dispatch-layout", "dispatch-recv", "combine-send", "combine-recv"; in fused mode
-        both halves of a phase come from one launch): ns of this GPU's clock (GPUs' clocks
+        "dispatch-layout", "dispatch-recv", "combine-send", "combine-recv", and with the
+        acker program "dispatch-acker" / "combine-acker"; in fused mode both halves of a
+        phase come from one launch): ns of this GPU's clock (GPUs' clocks
         are not synchronised), 0 where no stamp was written; stamp i is
         `stamp(prof_ptr, i)` in dispatch_kernels.py / combine_kernels.py.
         """
