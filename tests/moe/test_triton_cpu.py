@@ -115,7 +115,8 @@ def _cases(world_size: int):
                 in_dtype=torch.bfloat16,
                 num_experts_per_token=2,
                 fused=True,
-                env={"PPLX_MOE_ROWS_SPLIT": "2"},  # 2 rows programs of 6 words each
+                # 2 rows programs of 6 words each; acks sent by the next launch
+                env={"PPLX_MOE_ROWS_SPLIT": "2", "PPLX_MOE_ACK_NEXT": "1"},
             ),
             [
                 Case("3 ranks (not a power of two)", 5, 48, 6, 2, iters=2),
@@ -137,8 +138,12 @@ def _cases(world_size: int):
                 # receive programs of 2 slots inside send chunks of 4 tokens; combine
                 # receive split in 2 parts along H (128 + 128, 4 tiles each), its send
                 # side not split; receive launches of their own, each with its acker
-                # program (the default)
-                env={"PPLX_MOE_TILES": "4,2,2,2,32", "PPLX_MOE_COMB_RHS": "2"},
+                # program (the default), acks sent by the next launch (of 4 per step)
+                env={
+                    "PPLX_MOE_TILES": "4,2,2,2,32",
+                    "PPLX_MOE_COMB_RHS": "2",
+                    "PPLX_MOE_ACK_NEXT": "1",
+                },
                 expect_one_tile=False,
             ),
             [Case("3 ranks fp8, padding 16, split", 4, 256, 6, 4, FP8, 16, split=True)],
@@ -177,6 +182,7 @@ def _worker(rank: int, world_size: int) -> int:
         # Rows programs per (chunk, destination) as asked (each part of the row moved once).
         assert at.rows_split == int(env.get("PPLX_MOE_ROWS_SPLIT", 1)), at.rows_split
         assert at.acker == int(env.get("PPLX_MOE_ACKER", 1)), at.acker
+        assert at.ack_next == int(env.get("PPLX_MOE_ACK_NEXT", 0)), at.ack_next
         for i, case in enumerate(cases):
             run_case(at, case, 100 * n + i, rank, world_size, torch.device("cpu"))
             done += 1

@@ -43,6 +43,7 @@ from pplx.moe.kernels.sync_kernels import (
     last_program_done,
     peer_ptr,
     recv_program_done,
+    send_owed_acks,
     signal_add,
     signal_set,
     stamp,
@@ -285,6 +286,7 @@ def _combine_kernel(
     off_comb_ack,
     off_comb_flag,
     off_comb_rows,
+    off_disp_ack,
     T_MAX,
     H,
     COMB_STRIDE,
@@ -310,18 +312,25 @@ def _combine_kernel(
     ASM: tl.constexpr,
     PROF: tl.constexpr,
     ACKER: tl.constexpr,
+    ACK_NEXT: tl.constexpr,
     DO_SEND: tl.constexpr,
     DO_RECV: tl.constexpr,
 ):
-    """Grid (R * CC * HS if DO_SEND) + (NB * HSR + ACKER if DO_RECV): the send programs
-    (s, cc, hs) first, then the receive programs, then with ACKER the acker program; with
+    """Grid ACK_NEXT + (R * CC * HS if DO_SEND) + (NB * HSR + ACKER if DO_RECV): with
+    ACK_NEXT first the owed-acks program, then the send programs (s, cc, hs), then the
+    receive programs, then with ACKER the acker program; with
     both halves, one launch does the whole combine (same forward-progress argument as
     `_dispatch_kernel`: a program only waits for programs of lower index, here and on the
     peers)."""
-    pid = tl.program_id(0)
+    pid = tl.program_id(0) - ACK_NEXT  # -1: the owed-acks program (`_dispatch_kernel`)
+    if ACK_NEXT:
+        if pid < 0:
+            send_owed_acks(
+                table_ptr, state_ptr, off_disp_ack, off_comb_ack, rank, R, R_PAD, SYNC2
+            )  # fmt: skip
     n_send = R * CC * HS if DO_SEND else 0  # constexpr: a half not asked for is not compiled
     if DO_SEND:
-        if pid < n_send:
+        if (pid >= 0) & (pid < n_send):
             _combine_send(
                 pid % R,
                 pid // R // HS,
@@ -399,6 +408,6 @@ def _combine_kernel(
                 stamp(prof_ptr + pid * 8, 0, PROF)
                 acker_program(
                     state_ptr + 3, NB * HSR, state_ptr + 1, table_ptr, off_comb_ack, rank,
-                    state_ptr + 4, R, R_PAD, SYNC2, MAX_SPIN, ASM,
+                    state_ptr + 4, R, R_PAD, SYNC2, MAX_SPIN, ASM, ACK_NEXT,
                 )  # fmt: skip
                 stamp(prof_ptr + pid * 8, 1, PROF)

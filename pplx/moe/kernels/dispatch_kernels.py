@@ -56,6 +56,7 @@ from pplx.moe.kernels.sync_kernels import (
     last_program_done,
     peer_ptr,
     recv_program_done,
+    send_owed_acks,
     signal_add,
     signal_set,
     stamp,
@@ -509,6 +510,7 @@ def _dispatch_kernel(
     off_tok_w,
     off_rows,
     off_scales,
+    off_comb_ack,
     T_MAX,
     W,
     WCH,
@@ -539,13 +541,15 @@ def _dispatch_kernel(
     ONE_TILE: tl.constexpr,
     ONE_TILE_RECV: tl.constexpr,
     ACKER: tl.constexpr,
+    ACK_NEXT: tl.constexpr,
     DO_SEND: tl.constexpr,
     DO_RECV: tl.constexpr,
 ):
-    """Grid ((1 + RS) * NC * R if DO_SEND) + (1 + R * RC + ACKER if DO_RECV): the send
-    programs first (records programs (c, d), then RS rows programs (c, d) per pair,
-    part-major), then the layout program, the receive programs (s, rc) and with ACKER the
-    acker program; with both halves, one launch does the whole dispatch.
+    """Grid ACK_NEXT + ((1 + RS) * NC * R if DO_SEND) + (1 + R * RC + ACKER if DO_RECV):
+    with ACK_NEXT first a program that sends the acks this rank owes, then the send
+    programs (records programs (c, d), then RS rows programs (c, d) per pair, part-major),
+    then the layout program, the receive programs (s, rc) and with ACKER the acker program;
+    with both halves, one launch does the whole dispatch.
 
     Warning: with DO_SEND and DO_RECV a receive program spins until send programs of this
     launch (its own rank's chunks to itself) have signalled. That relies on the blocks of
@@ -555,10 +559,17 @@ def _dispatch_kernel(
     program never holds the slot a send program needs. The interpreter runs programs in
     index order (sends first) in each rank's process.
     """
-    pid = tl.program_id(0)
+    # With ACK_NEXT, program 0 sends the acks this rank owes (`send_owed_acks`) and the
+    # others shift by one (pid -1 is that program).
+    pid = tl.program_id(0) - ACK_NEXT
+    if ACK_NEXT:
+        if pid < 0:
+            send_owed_acks(
+                table_ptr, state_ptr, off_disp_ack, off_comb_ack, rank, R, R_PAD, SYNC2
+            )  # fmt: skip
     n_send = (1 + RS) * NC * R if DO_SEND else 0  # constexpr: a half not asked for is not compiled
     if DO_SEND:
-        if pid < n_send:
+        if (pid >= 0) & (pid < n_send):
             # Records programs first (short, no fence), then rows programs.
             _dispatch_send(
                 pid % NC,
@@ -688,6 +699,6 @@ def _dispatch_kernel(
                 stamp(prof_ptr + pid * 8, 0, PROF)
                 acker_program(
                     state_ptr + 2, R * RC + 1, state_ptr, table_ptr, off_disp_ack, rank,
-                    state_ptr + 4, R, R_PAD, SYNC2, MAX_SPIN, ASM,
+                    state_ptr + 4, R, R_PAD, SYNC2, MAX_SPIN, ASM, ACK_NEXT,
                 )  # fmt: skip
                 stamp(prof_ptr + pid * 8, 1, PROF)

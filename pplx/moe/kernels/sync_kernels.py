@@ -201,17 +201,43 @@ def ack_peers(table_ptr, byte_off, rank, value, R: tl.constexpr, R_PAD: tl.const
 
 
 @triton.jit
+def _ack_all(
+    table_ptr, off_ack, rank, value, R: tl.constexpr, R_PAD: tl.constexpr, SYNC2: tl.constexpr
+):  # fmt: skip
+    """`ack[rank] = value` (release, system scope) in every peer's buffer at `off_ack`."""
+    if SYNC2:
+        ack_peers(table_ptr, off_ack, rank, value, R, R_PAD)
+    else:
+        for peer in range(R):
+            ack = peer_ptr(table_ptr, peer, off_ack, tl.int32) + rank
+            tl.atomic_xchg(ack, value, sem="release", scope="sys")
+
+
+@triton.jit
 def _ack_sources(
     epoch_ptr, epoch, table_ptr, off_ack, rank, R: tl.constexpr, R_PAD: tl.constexpr,
     SYNC2: tl.constexpr,
 ):  # fmt: skip
-    if SYNC2:
-        ack_peers(table_ptr, off_ack, rank, epoch + 1, R, R_PAD)
-    else:
-        for peer in range(R):
-            ack = peer_ptr(table_ptr, peer, off_ack, tl.int32) + rank
-            tl.atomic_xchg(ack, epoch + 1, sem="release", scope="sys")
+    _ack_all(table_ptr, off_ack, rank, epoch + 1, R, R_PAD, SYNC2)
     tl.store(epoch_ptr, epoch + 1)
+
+
+@triton.jit
+def send_owed_acks(
+    table_ptr, state_ptr, off_disp_ack, off_comb_ack, rank, R: tl.constexpr,
+    R_PAD: tl.constexpr, SYNC2: tl.constexpr,
+):  # fmt: skip
+    """The first program of every launch with ACK_NEXT: tell every peer how many dispatch
+    and combine receives of this rank are complete (`ack[rank]` = the receive epochs,
+    `state[0]` / `state[1]`, which an acker program moves on once its receive programs have
+    read everything). The acks leave the end of the receive phase, where their
+    system-scope release and round trip were the last thing each launch waited for, and
+    overlap the next launch's work instead. Epochs only grow, so an ack sent twice (every
+    launch sends both) changes nothing."""
+    ed = tl.atomic_add(state_ptr, 0, sem="acquire", scope="gpu")
+    ec = tl.atomic_add(state_ptr + 1, 0, sem="acquire", scope="gpu")
+    _ack_all(table_ptr, off_disp_ack, rank, ed, R, R_PAD, SYNC2)
+    _ack_all(table_ptr, off_comb_ack, rank, ec, R, R_PAD, SYNC2)
 
 
 @triton.jit
@@ -256,16 +282,22 @@ def acker_program(
     SYNC2: tl.constexpr,
     MAX_SPIN: tl.constexpr,
     ASM: tl.constexpr,
+    ACK_NEXT: tl.constexpr,
 ):
     """The last program of a receive launch with ACKER: wait until the `num_programs`
     receive programs of this call have counted themselves done (the counter only grows:
-    `(epoch + 1) * num_programs`; acquire), then ack every source and move the epoch on.
-    Last in the grid, so the interpreter (programs in index order) finds every count in."""
+    `(epoch + 1) * num_programs`; acquire), then ack every source and move the epoch on
+    (with ACK_NEXT only the epoch, with release: the next launch's first program sends the
+    acks, `send_owed_acks`). Last in the grid, so the interpreter (programs in index
+    order) finds every count in."""
     epoch = tl.load(epoch_ptr)
     # The whole receive phase passes during this wait (the receive programs' own waits are
     # bounded by MAX_SPIN each): a wider bound, so the acker never gives up first.
     wait_one_ge(done_ptr, (epoch + 1) * num_programs, err_ptr, 4 * MAX_SPIN, ASM)
-    _ack_sources(epoch_ptr, epoch, table_ptr, off_ack, rank, R, R_PAD, SYNC2)
+    if ACK_NEXT:
+        tl.atomic_xchg(epoch_ptr, epoch + 1, sem="release", scope="gpu")
+    else:
+        _ack_sources(epoch_ptr, epoch, table_ptr, off_ack, rank, R, R_PAD, SYNC2)
 
 
 @triton.jit

@@ -218,6 +218,12 @@ class TritonAllToAll:
         # prefill EP4 dispatch 627 / 629 vs 636 / 631. The last program's ack had taken
         # ~2.5 us before its own fan-out, and that program ended the kernel.
         self.acker = int(bool(tun.acker)) if tun.acker is not None else 1
+        # The acks a receive owes its sources are sent by the first program of this rank's
+        # next launch (1; the acker program then only moves the epoch on), or by the acker
+        # program at the end of the receive (0). Needs the acker program.
+        self.ack_next = int(bool(tun.ack_next)) if tun.ack_next is not None else 0
+        if self.ack_next and not self.acker:
+            raise ValueError("ack_next (PPLX_MOE_ACK_NEXT=1) needs the acker program (acker)")
         # Clock stamps need PTX (`%globaltimer`): CUDA only.
         self.prof_on = tun.prof and self.device.type == "cuda"
         sync = sync if sync is not None else (tun.sync or "v2")
@@ -436,6 +442,7 @@ class TritonAllToAll:
             off_tok_w=lay.tok_w,
             off_rows=lay.rows,
             off_scales=lay.scales,
+            off_comb_ack=lay.comb_ack,
         )
 
     def _bound(self, bound_m: torch.Tensor | None) -> torch.Tensor:
@@ -595,7 +602,7 @@ class TritonAllToAll:
         for snd, rcv, grid, slot in halves:
             self._launch(
                 _dispatch_kernel,
-                (grid,),
+                (grid + self.ack_next,),
                 *send_args,
                 *recv_args,
                 self.prof[slot],
@@ -633,6 +640,7 @@ class TritonAllToAll:
                 ONE_TILE=self.one_tile,
                 ONE_TILE_RECV=self.one_tile_recv,
                 ACKER=self.acker,
+                ACK_NEXT=self.ack_next,
                 DO_SEND=snd,
                 DO_RECV=rcv,
                 num_warps=self.num_warps,
@@ -689,7 +697,7 @@ class TritonAllToAll:
         for snd, rcv, grid, slot in halves:
             self._launch(
                 _combine_kernel,
-                (grid,),
+                (grid + self.ack_next,),
                 *send_args,
                 *recv_args,
                 self.prof[slot],
@@ -699,6 +707,7 @@ class TritonAllToAll:
                 lay.comb_ack,
                 lay.comb_flag,
                 lay.comb_rows,
+                lay.disp_ack,
                 self.max_num_tokens,
                 self.hidden_dim,
                 self.comb_stride,
@@ -724,6 +733,7 @@ class TritonAllToAll:
                 ASM=self.asm,
                 PROF=self.prof_on,
                 ACKER=self.acker,
+                ACK_NEXT=self.ack_next,
                 DO_SEND=snd,
                 DO_RECV=rcv,
                 num_warps=self.num_warps_comb if snd else self.num_warps_comb_recv,

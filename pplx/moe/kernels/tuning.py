@@ -17,6 +17,8 @@ how the benchmark's `--variant NAME:KEY=VAL` times variants side by side in one 
 |                   |                          | each with its part of the row             |
 | acker             | PPLX_MOE_ACKER=0/1       | a program of its own acks the sources     |
 |                   |                          | once all receive programs are done        |
+| ack_next          | PPLX_MOE_ACK_NEXT=0/1    | those acks go out from the first program  |
+|                   |                          | of the rank's next launch                 |
 | comb_block_h      | PPLX_MOE_COMB_BH=N       | columns per combine-send tile             |
 | comb_block_h_recv | PPLX_MOE_COMB_BHR=N      | columns per combine-receive tile          |
 | comb_split_h      | PPLX_MOE_COMB_HS=N       | combine programs per token block along H  |
@@ -42,6 +44,7 @@ _ENV = {
     "tiles": "TILES",
     "rows_split": "ROWS_SPLIT",
     "acker": "ACKER",
+    "ack_next": "ACK_NEXT",
     "comb_block_h": "COMB_BH",
     "comb_block_h_recv": "COMB_BHR",
     "comb_split_h": "COMB_HS",
@@ -63,6 +66,7 @@ class Tuning:
     tiles: tuple[int, ...] | None = None
     rows_split: int | None = None
     acker: bool | None = None
+    ack_next: bool | None = None
     comb_block_h: int | None = None
     comb_block_h_recv: int | None = None
     comb_split_h: int | None = None
@@ -79,7 +83,7 @@ class Tuning:
             raise ValueError(f"tiles must be (bt, rb, cb, tb[, cap]), got {self.tiles!r}")
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name in ("fused", "sync", "prof", "acker") or v is None:
+            if f.name in ("fused", "sync", "prof", "acker", "ack_next") or v is None:
                 continue
             vals = v if isinstance(v, tuple) else (v,)
             if any(int(x) < 1 for x in vals):
@@ -96,7 +100,7 @@ class Tuning:
             if not raw:
                 continue
             try:
-                if name in ("fused", "prof", "acker"):
+                if name in ("fused", "prof", "acker", "ack_next"):
                     if raw not in ("0", "1"):
                         raise ValueError("expected 0 or 1")
                     kw[name] = raw == "1"
