@@ -60,20 +60,24 @@ def design_measured(workload_name: str) -> list[dict]:
     ]
 
 
-def our_measured(workload: Workload, path: str = MOE_CSV) -> list[dict]:
+def our_measured(workload: Workload, path: str = MOE_CSV, card: str = "H100") -> list[dict]:
     """Rows of this repository's MoE benchmark (`python -m pplx.bench moe`) whose shape is
-    exactly this workload ("T128 H7168 K8 E256"): the latest p50 per (ranks, phase, impl,
-    device) of whole dispatch / combine calls (impl "triton:dispatch", "baseline:combine",
-    "floor:dispatch", ...; split halves, kernel-only spans and peer copies are left out).
-    The Triton kernels' defaults count as "triton" whether or not the run also timed
-    variants ("triton-default"); the variants themselves ("triton-<name>") are experiments
-    and left out. [] when none."""
+    exactly this workload ("T128 H7168 K8 E256"), measured on a `card` GPU (a substring of
+    the device name: the bar of DESIGN.md was measured on H100s, so by default rows from
+    other cards, e.g. an H200 lent in place of an H100, stay out of the comparison): the
+    latest p50 per (ranks, phase, impl, device) of whole dispatch / combine calls (impl
+    "triton:dispatch", "baseline:combine", "floor:dispatch", ...; split halves, kernel-only
+    spans and peer copies are left out). The Triton kernels' defaults count as "triton"
+    whether or not the run also timed variants ("triton-default"); the variants themselves
+    ("triton-<name>") are experiments and left out. [] when none."""
     w = workload
     label = f"T{w.num_tokens} H{w.hidden_dim} K{w.num_experts_per_token} E{w.num_experts}"
     latest: dict[tuple, dict] = {}
     for r in read_rows(path):
         impl, _, phase = r.get("impl", "").partition(":")
         if r.get("shape", "") != label or phase not in ("dispatch", "combine"):
+            continue
+        if card and card not in r.get("device", ""):
             continue
         if impl == "triton-default":
             impl = "triton"

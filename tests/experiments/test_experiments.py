@@ -81,8 +81,9 @@ def test_rl_weights_measured_run_is_bit_exact(quick_root):
 
 
 def test_measured_moe_rows_are_parsed(tmp_path):
-    """Whole-call rows of the decode shape are picked (the defaults of a variant run as
-    "triton"), split halves, kernel spans, variants and other shapes not."""
+    """Whole-call rows of the decode shape measured on H100s are picked (the defaults of a
+    variant run as "triton"), split halves, kernel spans, variants, other shapes and other
+    cards not."""
     from experiments.moe_latency import our_measured
     from pplx.bench.common import Row, write_csv
     from pplx.sim import DECODE
@@ -108,6 +109,12 @@ def test_measured_moe_rows_are_parsed(tmp_path):
             shape=shape,
         ),  # fmt: skip
     ]
+    for r in rows:
+        r.device = "NVIDIA H100 80GB HBM3"
+    # A later run on another card: not compared with the H100 bar.
+    h200 = Row("moe", "decode", "triton:dispatch", 21.0, 20.0, 22.0, ranks=2, shape=shape)
+    h200.device = "NVIDIA H200"
+    rows.append(h200)
     path = str(tmp_path / "moe.csv")
     write_csv(rows, path)
     got = sorted((r["ep"], r["phase"], r["system"], r["us"]) for r in our_measured(DECODE, path))
