@@ -67,3 +67,10 @@ def test_unset_or_empty_means_default() -> None:
 def test_bad_values_name_the_variable_or_knob(var: str, value: str, words: str) -> None:
     with pytest.raises(ValueError, match=re.escape(words)):
         Tuning.from_env({var: value})
+
+
+def test_ack_next_without_the_acker_is_refused() -> None:
+    env = {"PPLX_MOE_ACK_NEXT": "1", "PPLX_MOE_ACKER": "0"}
+    with pytest.raises(ValueError, match="ack_next needs the acker program"):
+        Tuning.from_env(env)
+    assert Tuning.from_env({"PPLX_MOE_ACK_NEXT": "1"}).ack_next is True

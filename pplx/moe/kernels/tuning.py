@@ -79,6 +79,8 @@ class Tuning:
     def __post_init__(self) -> None:
         if self.sync not in (None, "v1", "v2"):
             raise ValueError(f"sync must be 'v1' or 'v2', got {self.sync!r}")
+        if self.ack_next and self.acker is False:
+            raise ValueError("ack_next needs the acker program (acker must not be off)")
         if self.tiles is not None and len(self.tiles) not in (4, 5):
             raise ValueError(f"tiles must be (bt, rb, cb, tb[, cap]), got {self.tiles!r}")
         for f in fields(self):
