@@ -37,9 +37,11 @@ over experts) and fans the row out to the K' rows of `expert_x` it needs.
      come from the [RB, K] tile in registers). Every receive-side program counts itself
      done once it has read what it needs of the receive buffer (ONE_TILE_RECV, decode:
      right after loading its rows and scales, before the fan-out stores); then the sources
-     are acked: by the last program to count, or with ACKER (`Tuning.acker`) by an acker
-     program at the end of the grid that waits for the count, so that no receive program
-     carries the ack's round trip before its own stores.
+     are acked: with ACKER (`Tuning.acker`, the default) by an acker program at the end of
+     the grid that waits for the count, so that no receive program carries the ack's
+     round trip before its own stores (with ACK_NEXT the acker only moves the epoch on and
+     the first program of the rank's next launch sends the acks); without, by the last
+     program to count.
 
 No host synchronisation; `bound_m` is read on the device; grids depend only on T_MAX, so
 the whole dispatch can be captured in a CUDA graph.

@@ -14,7 +14,10 @@ sender never overwrites data the receiver has not consumed, whatever runs in bet
 "Has read everything": each receive-side program adds 1 to a done counter (release) once
 its reads of the receive buffer are over; an acker program at the end of the grid waits
 for the count (acquire), then acks (`recv_program_done` / `acker_program`; or, with
-`Tuning.acker` off, the last program to count acks itself).
+`Tuning.acker` off, the last program to count acks itself). With `Tuning.ack_next` the acker
+only moves the receive epoch on, and the first program of the rank's next launch sends
+the acks (`send_owed_acks`): an ack then says "every receive up to this epoch is consumed"
+and may be sent any number of times.
 
 Two protocols (`SYNC2` constexpr of the kernels; `TritonAllToAll(sync=...)`):
 - "v1": one counter per source (`flag[src]`), every sender program adds 1 to it (remote
