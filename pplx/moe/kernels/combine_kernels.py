@@ -405,9 +405,8 @@ def _combine_kernel(
             )
         if ACKER:
             if q == NB * HSR:
-                stamp(prof_ptr + pid * 8, 0, PROF)
                 acker_program(
-                    state_ptr + 3, NB * HSR, state_ptr + 1, table_ptr, off_comb_ack, rank,
-                    state_ptr + 4, R, R_PAD, SYNC2, MAX_SPIN, ASM, ACK_NEXT,
+                    prof_ptr + pid * 8, state_ptr + 3, NB * HSR, state_ptr + 1, table_ptr,
+                    off_comb_ack, rank, state_ptr + 4, R, R_PAD, SYNC2, MAX_SPIN, ASM,
+                    ACK_NEXT, PROF,
                 )  # fmt: skip
-                stamp(prof_ptr + pid * 8, 1, PROF)

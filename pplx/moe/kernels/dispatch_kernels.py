@@ -698,9 +698,8 @@ def _dispatch_kernel(
             )
         if ACKER:
             if q == 1 + R * RC:
-                stamp(prof_ptr + pid * 8, 0, PROF)
                 acker_program(
-                    state_ptr + 2, R * RC + 1, state_ptr, table_ptr, off_disp_ack, rank,
-                    state_ptr + 4, R, R_PAD, SYNC2, MAX_SPIN, ASM, ACK_NEXT,
+                    prof_ptr + pid * 8, state_ptr + 2, R * RC + 1, state_ptr, table_ptr,
+                    off_disp_ack, rank, state_ptr + 4, R, R_PAD, SYNC2, MAX_SPIN, ASM,
+                    ACK_NEXT, PROF,
                 )  # fmt: skip
-                stamp(prof_ptr + pid * 8, 1, PROF)

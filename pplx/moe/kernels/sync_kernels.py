@@ -273,6 +273,7 @@ def recv_program_done(
 
 @triton.jit
 def acker_program(
+    prof_ptr,
     done_ptr,
     num_programs,
     epoch_ptr,
@@ -286,13 +287,15 @@ def acker_program(
     MAX_SPIN: tl.constexpr,
     ASM: tl.constexpr,
     ACK_NEXT: tl.constexpr,
+    PROF: tl.constexpr,
 ):
     """The last program of a receive launch with ACKER: wait until the `num_programs`
     receive programs of this call have counted themselves done (the counter only grows:
     `(epoch + 1) * num_programs`; acquire), then ack every source and move the epoch on
     (with ACK_NEXT only the epoch, with release: the next launch's first program sends the
     acks, `send_owed_acks`). Last in the grid, so the interpreter (programs in index
-    order) finds every count in."""
+    order) finds every count in. Stamps 0 and 1 (PROF): its start and end."""
+    stamp(prof_ptr, 0, PROF)
     epoch = tl.load(epoch_ptr)
     # The whole receive phase passes during this wait (the receive programs' own waits are
     # bounded by MAX_SPIN each): a wider bound, so the acker never gives up first.
@@ -301,6 +304,7 @@ def acker_program(
         tl.atomic_xchg(epoch_ptr, epoch + 1, sem="release", scope="gpu")
     else:
         _ack_sources(epoch_ptr, epoch, table_ptr, off_ack, rank, R, R_PAD, SYNC2)
+    stamp(prof_ptr, 1, PROF)
 
 
 @triton.jit

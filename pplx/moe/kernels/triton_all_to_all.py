@@ -410,10 +410,10 @@ class TritonAllToAll:
         """This rank's private device state (never touched by peers)."""
         R, T, K = self.world_size, self.max_num_tokens, self.topk
         i32 = dict(dtype=torch.int32, device=dev)
-        # [0] dispatch epoch, [1] combine epoch, [2]/[3] done counters, [4] error flag.
         # [0] dispatch epoch (receive side), [1] combine epoch (receive side), [2]/[3] their
-        # done counters, [4] error flag, [5]/[6] dispatch send epoch and done counter,
-        # [7]/[8] combine send epoch and done counter, [9] dispatch layout epoch.
+        # done counters (only growing with the acker program), [4] error flag, [5]/[6]
+        # dispatch send epoch and done counter, [7]/[8] combine send epoch and done counter,
+        # [9] dispatch layout epoch.
         self.state = torch.zeros(16, **i32)
         # Profiling (PPLX_MOE_PROF=1, CUDA): `[4, programs, 8]` int64 GPU clock stamps per
         # program of the launches dispatch send (or fused dispatch), dispatch recv,
